@@ -1,0 +1,146 @@
+//! The command line every chapter shares, and the code that runs a chapter:
+//! `chNN-name [--backend rabbitmq|sqs|kafka] [--messages N] [--seed S] [--json]`.
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+
+use crate::plan::{ChaosPlan, FaultMix};
+use crate::report::{ChapterReport, Claim, RunReport};
+use crate::run::{self, RunSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Rabbitmq,
+    Sqs,
+    Kafka,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Rabbitmq => "rabbitmq",
+            Backend::Sqs => "sqs",
+            Backend::Kafka => "kafka",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct ChapterArgs {
+    /// Which broker carries the payment events.
+    #[arg(long, value_enum, default_value = "rabbitmq")]
+    pub backend: Backend,
+    /// How many orders the shop places (default: the chapter's own).
+    #[arg(long)]
+    pub messages: Option<usize>,
+    /// Seed of the fault schedule (default: random, printed so it can be replayed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How many consumer processes compete for the queue.
+    #[arg(long, default_value_t = 3)]
+    pub consumers: usize,
+    /// Print one JSON object instead of the Markdown table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A chapter's identity and defaults.
+pub struct Chapter {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub default_messages: usize,
+}
+
+/// What a chapter's body gets: its settings, and a way to run variants.
+pub struct Lab {
+    pub chapter: &'static Chapter,
+    pub backend: Backend,
+    pub messages: usize,
+    pub seed: u64,
+    pub consumers: usize,
+}
+
+impl Lab {
+    /// The fault schedule for this chapter's seed and size.
+    pub fn plan(&self, mix: FaultMix) -> ChaosPlan {
+        ChaosPlan::generate(self.seed, self.messages, mix)
+    }
+
+    /// A run spec with this lab's defaults, to adjust before [`Lab::run`].
+    pub fn spec(&self, variant: consumer::Variant, plan: &ChaosPlan) -> RunSpec {
+        RunSpec::new(variant, plan.clone(), self.consumers)
+    }
+
+    pub async fn run(&self, spec: RunSpec) -> anyhow::Result<RunReport> {
+        eprintln!("running {} ...", spec.variant.name());
+        run::execute(&spec, self.backend.name()).await
+    }
+
+    pub fn report(&self, runs: Vec<RunReport>, claims: Vec<Claim>) -> ChapterReport {
+        ChapterReport::new(self.chapter.id, runs, claims)
+    }
+}
+
+/// Parses the command line, runs `body`, prints the report and turns the
+/// chapter's claims into the exit code: 0 when every claim holds, 1 when one
+/// fails, 2 when the run itself could not be carried out.
+pub async fn main<F, Fut>(chapter: &'static Chapter, body: F) -> ExitCode
+where
+    F: FnOnce(Lab) -> Fut,
+    Fut: Future<Output = anyhow::Result<ChapterReport>>,
+{
+    let args = ChapterArgs::parse();
+    if args.backend != Backend::Rabbitmq {
+        eprintln!(
+            "error: the {} backend is not in this build yet; use --backend rabbitmq",
+            args.backend.name()
+        );
+        return ExitCode::from(2);
+    }
+    if args.consumers == 0 {
+        eprintln!("error: --consumers must be at least 1");
+        return ExitCode::from(2);
+    }
+    let seed = args.seed.unwrap_or_else(rand::random::<u64>);
+    let messages = args.messages.unwrap_or(chapter.default_messages);
+    eprintln!(
+        "{}: {} — backend {}, {messages} messages, {} consumers, seed {seed} (replay with --seed {seed})",
+        chapter.id,
+        chapter.title,
+        args.backend.name(),
+        args.consumers
+    );
+    let lab = Lab {
+        chapter,
+        backend: args.backend,
+        messages,
+        seed,
+        consumers: args.consumers,
+    };
+    let report = match body(lab).await {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialise")
+        );
+    } else {
+        print!("{}", report.to_markdown());
+    }
+    if report.claims_hold {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "{}: a claim of this chapter did not hold in this run",
+            chapter.id
+        );
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,30 @@
+//! The chaos lab: runs the payment pipeline as real processes, kills them on
+//! a seeded schedule, waits for the run to drain, and audits the result
+//! against the PSP's ledger.
+//!
+//! # Layout
+//!
+//! - [`plan`]: the seeded fault schedule (which order meets which fault).
+//! - [`roles`]: the child side: the chapter binary re-executed as a consumer
+//!   or a producer process.
+//! - [`supervisor`]: starts those processes, restarts them after a SIGKILL,
+//!   and collects what they report.
+//! - [`run`]: one run end to end: fresh databases and queue, processes,
+//!   drain, audit, clean-up.
+//! - [`audit`]: double charges and lost events from the shop's orders and the
+//!   PSP's ledger, as the design defines them.
+//! - [`report`]: the Markdown table and the JSON object a chapter prints.
+//! - [`chapter`]: the command line every chapter shares.
+
+pub mod audit;
+pub mod chapter;
+pub mod plan;
+pub mod report;
+pub mod roles;
+pub mod run;
+pub mod supervisor;
+
+pub use chapter::{Chapter, Lab};
+pub use plan::{ChaosPlan, FaultMix};
+pub use report::{ChapterReport, Claim, RunReport};
+pub use roles::Role;

@@ -1,0 +1,236 @@
+//! The fault schedule: which order meets which fault, derived from a seed.
+//!
+//! Faults are attached to orders, not to moments in time. Whichever consumer
+//! process receives order 17 first crashes at the point planned for order 17,
+//! so the same seed replays the same faults however the processes interleave.
+//! Each fault is planned on an exact number of orders (a rate of the run's
+//! size, at least one), so even a small run meets every fault.
+
+use consumer::crash::CrashPoint;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What the chaos lab does to the producer for one order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProducerFault {
+    /// The publish reports success but never reaches the broker.
+    PublishDropped,
+    /// SIGKILL after the order's commit, before its publish.
+    CrashAfterCommit,
+}
+
+impl ProducerFault {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProducerFault::PublishDropped => "publish_dropped",
+            ProducerFault::CrashAfterCommit => "crash_after_commit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Crash(CrashPoint),
+    Producer(ProducerFault),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedOrder {
+    pub index: usize,
+    pub order_id: Uuid,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub producer_fault: Option<ProducerFault>,
+    /// Happens once per run, on whichever delivery first reaches the point.
+    pub consumer_crash: Option<CrashPoint>,
+}
+
+/// The share of orders that meets each fault.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FaultMix {
+    pub before_charge: f64,
+    pub after_charge_before_commit: f64,
+    pub after_commit_before_ack: f64,
+    pub publish_dropped: f64,
+    pub producer_crash_after_commit: f64,
+}
+
+impl FaultMix {
+    /// Every crash point and both producer faults, each on about 5% of orders.
+    pub const EVERY_LEG: FaultMix = FaultMix {
+        before_charge: 0.05,
+        after_charge_before_commit: 0.05,
+        after_commit_before_ack: 0.05,
+        publish_dropped: 0.05,
+        producer_crash_after_commit: 0.03,
+    };
+
+    /// No faults at all: the control run.
+    pub const NONE: FaultMix = FaultMix {
+        before_charge: 0.0,
+        after_charge_before_commit: 0.0,
+        after_commit_before_ack: 0.0,
+        publish_dropped: 0.0,
+        producer_crash_after_commit: 0.0,
+    };
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChaosPlan {
+    pub seed: u64,
+    pub orders: Vec<PlannedOrder>,
+}
+
+/// Amounts vary so that a charge of the wrong order would show in the ledger.
+const CURRENCIES: [&str; 3] = ["EUR", "USD", "GBP"];
+
+impl ChaosPlan {
+    pub fn generate(seed: u64, messages: usize, mix: FaultMix) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut orders: Vec<PlannedOrder> = (0..messages)
+            .map(|index| PlannedOrder {
+                index,
+                order_id: Uuid::from_bytes(rng.gen()),
+                amount_cents: rng.gen_range(100..=50_000),
+                currency: CURRENCIES[rng.gen_range(0..CURRENCIES.len())].to_owned(),
+                producer_fault: None,
+                consumer_crash: None,
+            })
+            .collect();
+        // Ids from the seed, stamped as v4 so they look like any other uuid.
+        for order in &mut orders {
+            order.order_id =
+                uuid::Builder::from_random_bytes(*order.order_id.as_bytes()).into_uuid();
+        }
+
+        // Each order meets at most one fault: a producer fault means the
+        // consumer never sees the order, so a crash planned on it would
+        // silently never happen.
+        let mut victims: Vec<usize> = (0..messages).collect();
+        victims.shuffle(&mut rng);
+        let mut victims = victims.into_iter();
+        let mut take = |rate: f64| -> Vec<usize> {
+            let wanted = if rate <= 0.0 {
+                0
+            } else {
+                ((rate * messages as f64).round() as usize).max(1)
+            };
+            victims.by_ref().take(wanted).collect()
+        };
+        let planned = [
+            (mix.before_charge, Fault::Crash(CrashPoint::BeforeCharge)),
+            (
+                mix.after_charge_before_commit,
+                Fault::Crash(CrashPoint::AfterChargeBeforeCommit),
+            ),
+            (
+                mix.after_commit_before_ack,
+                Fault::Crash(CrashPoint::AfterCommitBeforeAck),
+            ),
+            (
+                mix.publish_dropped,
+                Fault::Producer(ProducerFault::PublishDropped),
+            ),
+            (
+                mix.producer_crash_after_commit,
+                Fault::Producer(ProducerFault::CrashAfterCommit),
+            ),
+        ];
+        for (rate, fault) in planned {
+            for index in take(rate) {
+                match fault {
+                    Fault::Crash(point) => orders[index].consumer_crash = Some(point),
+                    Fault::Producer(fault) => orders[index].producer_fault = Some(fault),
+                }
+            }
+        }
+        Self { seed, orders }
+    }
+
+    pub fn count_crashes(&self, point: CrashPoint) -> usize {
+        self.orders
+            .iter()
+            .filter(|o| o.consumer_crash == Some(point))
+            .count()
+    }
+
+    pub fn count_producer_faults(&self, fault: ProducerFault) -> usize {
+        self.orders
+            .iter()
+            .filter(|o| o.producer_fault == Some(fault))
+            .count()
+    }
+
+    /// One line per fault kind, for the run's stderr header.
+    pub fn summary(&self) -> String {
+        let mut parts: Vec<String> = CrashPoint::ALL
+            .iter()
+            .map(|p| format!("{}={}", p.name(), self.count_crashes(*p)))
+            .collect();
+        for fault in [
+            ProducerFault::PublishDropped,
+            ProducerFault::CrashAfterCommit,
+        ] {
+            parts.push(format!(
+                "{}={}",
+                fault.name(),
+                self.count_producer_faults(fault)
+            ));
+        }
+        parts.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_replays_the_same_faults() {
+        let a = ChaosPlan::generate(42, 200, FaultMix::EVERY_LEG);
+        let b = ChaosPlan::generate(42, 200, FaultMix::EVERY_LEG);
+        assert_eq!(a, b);
+        let c = ChaosPlan::generate(43, 200, FaultMix::EVERY_LEG);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn every_fault_is_planned_even_on_a_small_run() {
+        let plan = ChaosPlan::generate(1, 20, FaultMix::EVERY_LEG);
+        for point in CrashPoint::ALL {
+            assert_eq!(plan.count_crashes(point), 1, "{point}");
+        }
+        assert_eq!(plan.count_producer_faults(ProducerFault::PublishDropped), 1);
+        assert_eq!(
+            plan.count_producer_faults(ProducerFault::CrashAfterCommit),
+            1
+        );
+    }
+
+    #[test]
+    fn no_order_meets_two_faults() {
+        let plan = ChaosPlan::generate(7, 100, FaultMix::EVERY_LEG);
+        assert!(plan
+            .orders
+            .iter()
+            .all(|o| o.producer_fault.is_none() || o.consumer_crash.is_none()));
+        assert_eq!(plan.count_crashes(CrashPoint::BeforeCharge), 5);
+        assert_eq!(
+            plan.count_producer_faults(ProducerFault::CrashAfterCommit),
+            3
+        );
+    }
+
+    #[test]
+    fn the_control_mix_plans_nothing() {
+        let plan = ChaosPlan::generate(7, 50, FaultMix::NONE);
+        assert!(plan
+            .orders
+            .iter()
+            .all(|o| o.producer_fault.is_none() && o.consumer_crash.is_none()));
+    }
+}

@@ -1,0 +1,239 @@
+//! The child side of the lab: the same executable, started again with
+//! `EO_LAB_ROLE` set, becomes a consumer or a producer process.
+//!
+//! Re-executing the chapter's own binary (rather than a separate consumer
+//! binary) means `cargo run -p chNN-…` builds everything a run needs, and
+//! the process the lab kills is a real, separate OS process.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use consumer::crash::{CrashPoint, CrashSchedule};
+use consumer::observe::StdoutObserver;
+use consumer::{PaymentConsumer, Variant};
+use psp::client::PspClient;
+use queue::rabbitmq::{RabbitBroker, Topology};
+use queue::{OutgoingMessage, Publisher, QueueError};
+use serde::{Deserialize, Serialize};
+use shop::naive_producer::{self, ProducerFaults};
+use shop::Order;
+use uuid::Uuid;
+
+use crate::plan::{ChaosPlan, ProducerFault};
+
+pub const ROLE_ENV: &str = "EO_LAB_ROLE";
+pub const CONFIG_ENV: &str = "EO_LAB_CONFIG";
+
+/// Everything a child process needs, written to a file by the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub run_id: String,
+    pub variant: Variant,
+    pub plan: ChaosPlan,
+    pub shop_database_url: String,
+    pub psp_base_url: String,
+    pub psp_api_key: String,
+    pub psp_timeout_ms: u64,
+    pub amqp_url: String,
+    pub queue: String,
+    pub prefetch: u16,
+    /// The run's own folder: logs and crash markers.
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Consumer,
+    Producer,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Consumer => "consumer",
+            Role::Producer => "producer",
+        }
+    }
+
+    /// The role this process was started in, if the lab started it.
+    pub fn from_env() -> Option<Role> {
+        match std::env::var(ROLE_ENV).ok()?.as_str() {
+            "consumer" => Some(Role::Consumer),
+            "producer" => Some(Role::Producer),
+            _ => None,
+        }
+    }
+
+    /// Runs the role to completion and turns the result into an exit code.
+    pub async fn run(self) -> ExitCode {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .try_init();
+        let result = async {
+            let path = std::env::var(CONFIG_ENV).context("EO_LAB_CONFIG is not set")?;
+            let config = load_config(Path::new(&path))?;
+            match self {
+                Role::Consumer => run_consumer(config).await,
+                Role::Producer => run_producer(config).await,
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("{} process failed: {error:#}", self.name());
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn load_config(path: &Path) -> anyhow::Result<RunConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the run config {}", path.display()))?;
+    serde_json::from_str(&text).context("parsing the run config")
+}
+
+/// Crashes at the point the plan names for an order, once per run.
+///
+/// "Once" is remembered in a marker file shared by every consumer process
+/// of the run, not in the broker's redelivered flag: a message prefetched by
+/// a process that dies is redelivered before it was ever handled, and its
+/// planned crash must still happen exactly once for a seed to replay.
+struct PlannedCrashes {
+    points: HashMap<Uuid, CrashPoint>,
+    marker_dir: PathBuf,
+}
+
+impl CrashSchedule for PlannedCrashes {
+    fn should_crash(&self, point: CrashPoint, order_id: Uuid) -> bool {
+        if self.points.get(&order_id) != Some(&point) {
+            return false;
+        }
+        // create_new is atomic: of two processes racing here, one crashes.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.marker_dir.join(format!("crashed-{order_id}")))
+            .is_ok()
+    }
+}
+
+async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
+    let pool = databases::connect(&config.shop_database_url, 2).await?;
+    let psp = PspClient::new(
+        &config.psp_base_url,
+        &config.psp_api_key,
+        Duration::from_millis(config.psp_timeout_ms),
+    )
+    .context("building the PSP client")?;
+    let broker = RabbitBroker::connect(&config.amqp_url).await?;
+    let mut receiver = broker
+        .receiver(&Topology::durable(&config.queue), config.prefetch)
+        .await?;
+    let crashes = PlannedCrashes {
+        points: config
+            .plan
+            .orders
+            .iter()
+            .filter_map(|o| o.consumer_crash.map(|point| (o.order_id, point)))
+            .collect(),
+        marker_dir: config.work_dir.clone(),
+    };
+    let consumer = PaymentConsumer {
+        variant: config.variant,
+        pool,
+        psp,
+        crashes: Arc::new(crashes),
+        observer: Arc::new(StdoutObserver),
+        requeue_delay: Duration::from_millis(200),
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    consumer
+        .run(&mut receiver, async move {
+            terminate.recv().await;
+        })
+        .await
+        .context("consumer loop")?;
+    Ok(())
+}
+
+/// Reports success for planned drops without sending anything: the message
+/// is lost between the producer and the broker.
+struct DroppingPublisher<P> {
+    inner: P,
+    dropped: HashSet<String>,
+}
+
+#[async_trait::async_trait]
+impl<P: Publisher> Publisher for DroppingPublisher<P> {
+    async fn publish(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
+        if self.dropped.contains(&message.key) {
+            return Ok(());
+        }
+        self.inner.publish(message).await
+    }
+}
+
+/// SIGKILLs the producer after the commit of each order planned to crash.
+struct PlannedProducerCrashes(HashSet<Uuid>);
+
+impl ProducerFaults for PlannedProducerCrashes {
+    fn after_commit(&self, order: &Order) {
+        if self.0.contains(&order.order_id) {
+            consumer::crash::kill_this_process();
+        }
+    }
+}
+
+async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
+    let pool = databases::connect(&config.shop_database_url, 2).await?;
+    let broker = RabbitBroker::connect(&config.amqp_url).await?;
+    let orders_with = |fault: ProducerFault| {
+        config
+            .plan
+            .orders
+            .iter()
+            .filter(move |o| o.producer_fault == Some(fault))
+            .map(|o| o.order_id)
+    };
+    let publisher = DroppingPublisher {
+        inner: broker.publisher(&Topology::durable(&config.queue)).await?,
+        dropped: orders_with(ProducerFault::PublishDropped)
+            .map(|id| id.to_string())
+            .collect(),
+    };
+    let crashes = PlannedProducerCrashes(orders_with(ProducerFault::CrashAfterCommit).collect());
+
+    // A restarted producer carries on after the last order it committed,
+    // like a web shop that keeps taking orders after a restart. An order
+    // committed but not published before the crash is never looked at again.
+    let committed: HashSet<Uuid> = shop::committed_order_ids(&pool)
+        .await?
+        .into_iter()
+        .collect();
+    for planned in config
+        .plan
+        .orders
+        .iter()
+        .filter(|o| !committed.contains(&o.order_id))
+    {
+        let order = Order {
+            order_id: planned.order_id,
+            amount_cents: planned.amount_cents,
+            currency: planned.currency.clone(),
+        };
+        naive_producer::place_order(&pool, &publisher, &crashes, &order)
+            .await
+            .with_context(|| format!("placing order {}", order.order_id))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! One chaos run: fresh databases and queue, real processes, a seeded fault
+//! schedule, a drain, an audit.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use consumer::observe::{Observation, Outcome};
+use consumer::Variant;
+use databases::FreshDatabase;
+use indicatif::{ProgressBar, ProgressStyle};
+use queue::rabbitmq::{RabbitBroker, Topology};
+use queue::QueueInspector;
+use tokio::sync::mpsc;
+
+use crate::audit::Audit;
+use crate::plan::ChaosPlan;
+use crate::report::RunReport;
+use crate::roles::{Role, RunConfig};
+use crate::supervisor::{ExitKind, LabEvent, ProcessId, Supervisor};
+
+/// How one run is set up.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub variant: Variant,
+    pub plan: ChaosPlan,
+    pub consumers: usize,
+    /// Unacked messages per consumer: all of them come back when it dies.
+    pub prefetch: u16,
+    pub psp_faults: psp::faults::FaultConfig,
+    pub psp_timeout: Duration,
+    /// Give up waiting for the drain after this long, and say so.
+    pub deadline: Duration,
+    /// How long everything must stay still before the run counts as drained.
+    pub quiet_period: Duration,
+    /// The binary to start as consumer and producer processes; it must call
+    /// [`crate::Role::from_env`] first thing. Default: this executable.
+    pub executable: Option<PathBuf>,
+}
+
+impl RunSpec {
+    pub fn new(variant: Variant, plan: ChaosPlan, consumers: usize) -> Self {
+        let deadline =
+            Duration::from_secs(60) + Duration::from_millis(100) * plan.orders.len() as u32;
+        Self {
+            variant,
+            plan,
+            consumers,
+            prefetch: 1,
+            psp_faults: psp::faults::FaultConfig::default(),
+            psp_timeout: Duration::from_secs(5),
+            deadline,
+            quiet_period: Duration::from_millis(1000),
+            executable: None,
+        }
+    }
+}
+
+/// What the lab has heard from the processes so far.
+#[derive(Debug, Default)]
+struct Tally {
+    deliveries: u64,
+    redeliveries: u64,
+    dedup_hits: u64,
+    dead_lettered: u64,
+    settled_orders: std::collections::HashSet<uuid::Uuid>,
+    consumer_kills: u64,
+    producer_kills: u64,
+    /// Deliveries received but not yet settled, per process.
+    in_hand: HashMap<ProcessId, u64>,
+    producer_done: bool,
+    last_event: Option<Instant>,
+}
+
+impl Tally {
+    fn record(&mut self, event: &LabEvent) -> Result<(), String> {
+        self.last_event = Some(Instant::now());
+        match event {
+            LabEvent::Observed {
+                process,
+                observation,
+            } => match observation {
+                Observation::Received { redelivered, .. } => {
+                    self.deliveries += 1;
+                    self.redeliveries += u64::from(*redelivered);
+                    *self.in_hand.entry(*process).or_default() += 1;
+                }
+                Observation::Settled { order_id, outcome } => {
+                    let held = self.in_hand.entry(*process).or_default();
+                    *held = held.saturating_sub(1);
+                    match outcome {
+                        Outcome::Duplicate => self.dedup_hits += 1,
+                        Outcome::DeadLettered { .. } => self.dead_lettered += 1,
+                        _ => {}
+                    }
+                    if let Some(order_id) = order_id {
+                        self.settled_orders.insert(*order_id);
+                    }
+                }
+                Observation::Crashing { .. } => {}
+            },
+            LabEvent::Exited {
+                process,
+                exit,
+                stopping,
+            } => {
+                self.in_hand.remove(process);
+                let killed = *exit == ExitKind::Killed { signal: 9 };
+                match process.role {
+                    Role::Consumer if killed && !stopping => self.consumer_kills += 1,
+                    Role::Producer if killed => self.producer_kills += 1,
+                    Role::Producer if *exit == ExitKind::Code(0) => self.producer_done = true,
+                    _ => {}
+                }
+            }
+            LabEvent::GaveUp { process, reason } => {
+                return Err(format!(
+                    "the {} process gave up: {reason}",
+                    process.role.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn idle(&self) -> bool {
+        self.in_hand.values().all(|&n| n == 0)
+    }
+}
+
+/// Runs `spec` end to end and returns the audited result. Everything the run
+/// created (databases, queues, temporary files) is removed afterwards.
+pub async fn execute(spec: &RunSpec, backend: &str) -> anyhow::Result<RunReport> {
+    let started = Instant::now();
+    let shop = FreshDatabase::create("eo_shop", 5)
+        .await
+        .context("creating the run's shop database")?;
+    let psp_db = FreshDatabase::create("eo_psp", 20)
+        .await
+        .context("creating the run's PSP database")?;
+    let run_id = shop.name.trim_start_matches("eo_shop_").to_owned();
+    let topology = Topology::durable(format!("eo.{run_id}.payments"));
+    let broker = RabbitBroker::connect(&queue::rabbitmq::url_from_env()).await?;
+    let work_dir = std::env::temp_dir().join(format!("effectively-once-{run_id}"));
+
+    let result = run_in(
+        spec, backend, &shop, &psp_db, &broker, &topology, &work_dir, started,
+    )
+    .await;
+
+    // Clean up whatever happened; keep the logs if the run failed.
+    let _ = broker.delete(&topology).await;
+    let _ = shop.drop_database().await;
+    let _ = psp_db.drop_database().await;
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    } else {
+        eprintln!("process logs kept in {}", work_dir.display());
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_in(
+    spec: &RunSpec,
+    backend: &str,
+    shop: &FreshDatabase,
+    psp_db: &FreshDatabase,
+    broker: &RabbitBroker,
+    topology: &Topology,
+    work_dir: &PathBuf,
+    started: Instant,
+) -> anyhow::Result<RunReport> {
+    shop::apply_schema(&shop.pool).await?;
+    consumer::apply_schema(&shop.pool).await?;
+    psp::apply_schema(&psp_db.pool).await?;
+    let psp_config = psp::server::PspConfig {
+        faults: spec.psp_faults.clone(),
+        ..psp::server::PspConfig::default()
+    };
+    let api_key = psp_config.api_key.clone();
+    let psp = psp::server::PspServer::start(psp_db.pool.clone(), psp_config, "127.0.0.1:0")
+        .await
+        .context("starting the PSP")?;
+    broker.declare(topology).await?;
+
+    std::fs::create_dir_all(work_dir)?;
+    let config = RunConfig {
+        run_id: shop.name.clone(),
+        variant: spec.variant,
+        plan: spec.plan.clone(),
+        shop_database_url: shop.url.clone(),
+        psp_base_url: psp.base_url(),
+        psp_api_key: api_key,
+        psp_timeout_ms: spec.psp_timeout.as_millis() as u64,
+        amqp_url: queue::rabbitmq::url_from_env(),
+        queue: topology.queue.clone(),
+        prefetch: spec.prefetch,
+        work_dir: work_dir.clone(),
+    };
+    let config_path = work_dir.join("run-config.json");
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let executable = match &spec.executable {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("locating this executable")?,
+    };
+    let mut supervisor = Supervisor::new(executable, config_path, work_dir.clone(), events_tx);
+    for slot in 0..spec.consumers {
+        supervisor.start(Role::Consumer, slot);
+    }
+    supervisor.start(Role::Producer, 0);
+
+    let progress = Progress::new(spec.variant.name(), spec.plan.orders.len() as u64);
+    let inspector = broker.inspector(topology);
+    let mut tally = Tally::default();
+    let deadline = Instant::now() + spec.deadline;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let outcome: Result<bool, String> = loop {
+        tokio::select! {
+            Some(event) = events.recv() => {
+                if let Err(reason) = tally.record(&event) {
+                    break Err(reason);
+                }
+                progress.update(&tally);
+            }
+            _ = tick.tick() => {
+                if Instant::now() > deadline {
+                    break Ok(false);
+                }
+                let quiet = tally.last_event.is_none_or(|t| t.elapsed() >= spec.quiet_period);
+                if tally.producer_done && tally.idle() && quiet
+                    && inspector.ready_count().await.unwrap_or(1) == 0
+                {
+                    break Ok(true);
+                }
+            }
+        }
+    };
+    supervisor.stop().await;
+    while let Ok(event) = events.try_recv() {
+        let _ = tally.record(&event);
+    }
+    progress.finish(&tally);
+    let _ = psp.shutdown().await;
+    let drained = outcome.map_err(|reason| anyhow::anyhow!(reason))?;
+    if !drained {
+        eprintln!(
+            "warning: {} did not drain within {:?}; the audit below is of an unfinished run",
+            spec.variant.name(),
+            spec.deadline
+        );
+    }
+
+    let audit = Audit::measure(&shop.pool, &psp_db.pool).await?;
+    Ok(RunReport {
+        variant: spec.variant.name().to_owned(),
+        backend: backend.to_owned(),
+        messages: spec.plan.orders.len(),
+        seed: spec.plan.seed,
+        double_charges: audit.double_charges,
+        lost_events: audit.lost_events,
+        deliveries: tally.deliveries,
+        redeliveries: tally.redeliveries,
+        dedup_hits: tally.dedup_hits,
+        dedup_hit_rate: if tally.deliveries == 0 {
+            0.0
+        } else {
+            tally.dedup_hits as f64 / tally.deliveries as f64
+        },
+        dead_lettered: tally.dead_lettered,
+        kills: tally.consumer_kills + tally.producer_kills,
+        consumer_kills: tally.consumer_kills,
+        producer_kills: tally.producer_kills,
+        audit,
+        drained,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// A bar on a terminal; a line every few seconds anywhere else (CI logs).
+struct Progress {
+    bar: ProgressBar,
+    label: String,
+    plain: bool,
+    last_line: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    fn new(label: &str, orders: u64) -> Self {
+        let plain = !std::io::stderr().is_terminal();
+        let bar = if plain {
+            ProgressBar::hidden()
+        } else {
+            let bar = ProgressBar::new(orders);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>22} [{bar:30}] {pos}/{len} orders settled  {msg}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar
+        };
+        bar.set_prefix(label.to_owned());
+        bar.set_length(orders);
+        Self {
+            bar,
+            label: label.to_owned(),
+            plain,
+            last_line: std::cell::Cell::new(Instant::now()),
+        }
+    }
+
+    fn message(tally: &Tally) -> String {
+        format!(
+            "deliveries {} · redeliveries {} · kills {}",
+            tally.deliveries,
+            tally.redeliveries,
+            tally.consumer_kills + tally.producer_kills
+        )
+    }
+
+    fn update(&self, tally: &Tally) {
+        self.bar.set_position(tally.settled_orders.len() as u64);
+        self.bar.set_message(Self::message(tally));
+        if self.plain && self.last_line.get().elapsed() >= Duration::from_secs(5) {
+            self.last_line.set(Instant::now());
+            eprintln!(
+                "  {}: {}/{} orders settled, {}",
+                self.label,
+                tally.settled_orders.len(),
+                self.bar.length().unwrap_or(0),
+                Self::message(tally)
+            );
+        }
+    }
+
+    fn finish(&self, tally: &Tally) {
+        self.bar.set_position(tally.settled_orders.len() as u64);
+        self.bar.finish_with_message(Self::message(tally));
+        if self.plain {
+            eprintln!(
+                "  {}: done, {}/{} orders settled, {}",
+                self.label,
+                tally.settled_orders.len(),
+                self.bar.length().unwrap_or(0),
+                Self::message(tally)
+            );
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! What a consumer process tells its supervisor, one JSON line per event on
+//! stdout. Lines are written and flushed before the step they describe, so a
+//! SIGKILL right after still leaves them in the pipe for the supervisor.
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::crash::CrashPoint;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "observed", rename_all = "snake_case")]
+pub enum Observation {
+    /// A delivery arrived. `order_id` is absent when the payload did not decode.
+    Received {
+        message_id: Option<String>,
+        order_id: Option<Uuid>,
+        redelivered: bool,
+    },
+    /// The delivery was settled with this outcome.
+    Settled {
+        order_id: Option<Uuid>,
+        outcome: Outcome,
+    },
+    /// The process is about to SIGKILL itself at this point.
+    Crashing { order_id: Uuid, point: CrashPoint },
+}
+
+/// How one delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Charged, recorded and acked.
+    Charged { charge_id: String },
+    /// A duplicate delivery caught by the consumer's dedup (chapter 2).
+    Duplicate,
+    /// Given back to the broker to try again later.
+    Requeued { reason: String },
+    /// Moved to the dead-letter queue; never charged, never silently dropped.
+    DeadLettered { reason: String },
+    /// Acked but not charged: the at-most-once variant lost it.
+    Lost { reason: String },
+}
+
+pub trait Observer: Send + Sync {
+    fn observe(&self, observation: &Observation);
+}
+
+/// Writes each observation as one JSON line on stdout and flushes it.
+pub struct StdoutObserver;
+
+impl Observer for StdoutObserver {
+    fn observe(&self, observation: &Observation) {
+        let line = serde_json::to_string(observation).expect("observations serialise");
+        let mut out = std::io::stdout().lock();
+        // If the supervisor is gone there is nobody to tell; keep working.
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+/// Observes nothing, for callers that only want the side effects.
+pub struct Unobserved;
+
+impl Observer for Unobserved {
+    fn observe(&self, _: &Observation) {}
+}

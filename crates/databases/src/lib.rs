@@ -1,0 +1,164 @@
+//! Where the book's Postgres lives.
+//!
+//! # Layout
+//!
+//! - [`admin_url`]: the server-level connection string, from `EO_PG_ADMIN_URL`
+//!   with a loopback default that matches `scripts/services-up`.
+//! - [`FreshDatabase`]: a database created for one run or one test and named
+//!   after it, so that no two runs or tests ever share rows.
+//!
+//! Every chapter run creates its own shop database and its own PSP database:
+//! the PSP is another company's system and never shares a database with the
+//! shop.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+/// The default matches the role that `scripts/services-up` creates.
+pub const DEFAULT_ADMIN_URL: &str = "postgres://eo:eo@127.0.0.1:5432/postgres";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error("cannot reach Postgres at {url} (is it up? run scripts/services-up): {source}")]
+    Unreachable { url: String, source: sqlx::Error },
+    #[error("`{0}` is not a safe database name: use lowercase letters, digits and _")]
+    UnsafeName(String),
+    #[error("database statement failed: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// The server-level connection string: `EO_PG_ADMIN_URL`, or the local default.
+pub fn admin_url() -> String {
+    std::env::var("EO_PG_ADMIN_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+}
+
+/// The connection string for database `name` on the admin URL's server.
+pub fn url_for(name: &str) -> Result<String, DatabaseError> {
+    check_name(name)?;
+    let admin = admin_url();
+    let options: PgConnectOptions = admin.parse().map_err(|source| DatabaseError::Unreachable {
+        url: redact(&admin),
+        source,
+    })?;
+    Ok(options.database(name).to_url_lossy().to_string())
+}
+
+/// A database that exists for one run or one test.
+#[derive(Debug, Clone)]
+pub struct FreshDatabase {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl FreshDatabase {
+    /// Creates `<prefix>_<random>` and connects a pool of `max_connections`.
+    pub async fn create(prefix: &str, max_connections: u32) -> Result<Self, DatabaseError> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("{prefix}_{}", &suffix[..12]);
+        create_database(&name).await?;
+        let url = url_for(&name)?;
+        let pool = connect(&url, max_connections).await?;
+        Ok(Self { name, url, pool })
+    }
+
+    /// Closes the pool and drops the database, ending any session still in it.
+    pub async fn drop_database(self) -> Result<(), DatabaseError> {
+        self.pool.close().await;
+        drop_database(&self.name).await
+    }
+}
+
+/// A pool on `url`, failing with a message that says how to start Postgres.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DatabaseError> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(15))
+        .connect(url)
+        .await
+        .map_err(|source| DatabaseError::Unreachable {
+            url: redact(url),
+            source,
+        })
+}
+
+pub async fn create_database(name: &str) -> Result<(), DatabaseError> {
+    check_name(name)?;
+    let mut admin = admin_connection().await?;
+    // Identifiers cannot be bound as parameters; `check_name` allows only
+    // [a-z0-9_], so the quoted name cannot break out of the statement.
+    sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}
+
+pub async fn drop_database(name: &str) -> Result<(), DatabaseError> {
+    check_name(name)?;
+    let mut admin = admin_connection().await?;
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}
+
+async fn admin_connection() -> Result<PgConnection, DatabaseError> {
+    let url = admin_url();
+    PgConnection::connect(&url)
+        .await
+        .map_err(|source| DatabaseError::Unreachable {
+            url: redact(&url),
+            source,
+        })
+}
+
+fn check_name(name: &str) -> Result<(), DatabaseError> {
+    let safe = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if safe {
+        Ok(())
+    } else {
+        Err(DatabaseError::UnsafeName(name.to_owned()))
+    }
+}
+
+/// Hides the password of a connection string before it reaches a log line.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}://{user}:***{}", &url[..scheme_end], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_outside_the_safe_alphabet_are_refused() {
+        assert!(check_name("shop_1a2b").is_ok());
+        assert!(check_name("shop\"; DROP").is_err());
+        assert!(check_name("Shop").is_err());
+        assert!(check_name("").is_err());
+    }
+
+    #[test]
+    fn passwords_never_reach_log_lines() {
+        assert_eq!(
+            redact("postgres://eo:secret@127.0.0.1:5432/postgres"),
+            "postgres://eo:***@127.0.0.1:5432/postgres"
+        );
+        assert_eq!(redact("postgres://127.0.0.1/x"), "postgres://127.0.0.1/x");
+    }
+}

@@ -1,0 +1,125 @@
+//! The at-least-once queue behind one interface.
+//!
+//! # Layout
+//!
+//! - [`Publisher`]: sends one message and returns only once the broker has
+//!   taken responsibility for it (a publisher confirm on RabbitMQ, a 200 from
+//!   `SendMessage` on SQS, `acks=all` on Kafka).
+//! - [`Receiver`]: hands out [`Delivery`] values and settles each one: `ack`,
+//!   `requeue`, or `dead_letter` with a reason. `extend_lease` pushes back the
+//!   redelivery deadline where the broker has one (SQS visibility).
+//! - [`rabbitmq`]: the RabbitMQ backend (lapin).
+//!
+//! # Why the interface looks like this
+//!
+//! Every broker of the book delivers at least once, and each remembers "who
+//! still has this message" differently: RabbitMQ by a delivery tag on one
+//! channel, SQS by a receipt handle that changes on every receive, Kafka by a
+//! committed offset per partition. [`Receipt`] carries whichever one the
+//! backend needs, so the consumer code above it never changes.
+//!
+//! Settling is explicit and nothing settles on drop: a consumer that dies
+//! leaves its message unsettled, and the broker redelivers it. That is the
+//! behaviour the chaos lab exists to exercise.
+
+use std::time::Duration;
+
+pub mod rabbitmq;
+
+/// How the broker identifies one delivery when it is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Receipt {
+    /// RabbitMQ: the channel-scoped delivery tag.
+    DeliveryTag(u64),
+    /// SQS: the receipt handle of this receive (not of the message).
+    ReceiptHandle(String),
+    /// Kafka: acking commits `offset + 1` for the partition.
+    Offset { partition: i32, offset: i64 },
+}
+
+/// One delivery of one message. The same message may be delivered again.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub payload: Vec<u8>,
+    /// The broker's or publisher's message id, when the backend has one.
+    pub message_id: Option<String>,
+    /// True when the broker says it handed this message out before.
+    pub redelivered: bool,
+    /// How many times it was handed out, where the broker counts (SQS
+    /// `ApproximateReceiveCount`, RabbitMQ quorum `x-delivery-count`).
+    pub delivery_count: Option<u32>,
+    pub receipt: Receipt,
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    /// Ordering key: Kafka partitions by it, SQS FIFO groups by it; RabbitMQ
+    /// keeps one queue's order and ignores it.
+    pub key: String,
+    pub message_id: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot connect to the broker at {url}: {reason} (is it up? run scripts/services-up)")]
+    Connect { url: String, reason: String },
+    #[error("the broker refused to take the message: {0}")]
+    NotConfirmed(String),
+    #[error("broker operation `{operation}` failed: {reason}")]
+    Broker {
+        operation: &'static str,
+        reason: String,
+    },
+    #[error("the delivery stream ended: the connection or channel closed")]
+    StreamClosed,
+    #[error("receipt {0:?} does not belong to this backend")]
+    ForeignReceipt(Receipt),
+}
+
+impl QueueError {
+    pub(crate) fn broker(operation: &'static str, error: impl std::fmt::Display) -> Self {
+        Self::Broker {
+            operation,
+            reason: error.to_string(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Publisher: Send + Sync {
+    /// Returns once the broker confirmed the message, never earlier.
+    async fn publish(&self, message: &OutgoingMessage) -> Result<(), QueueError>;
+}
+
+#[async_trait::async_trait]
+pub trait Receiver: Send {
+    /// Waits up to `wait` for at least one delivery and returns at most
+    /// `max` (SQS receives in batches of up to 10; RabbitMQ is bounded by the
+    /// prefetch). An empty vector means nothing arrived in time.
+    async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
+
+    /// Done: the broker forgets the message.
+    async fn ack(&mut self, delivery: &Delivery) -> Result<(), QueueError>;
+
+    /// Not done: hand it out again (now, or when the lease runs out).
+    async fn requeue(&mut self, delivery: &Delivery) -> Result<(), QueueError>;
+
+    /// Never processable: moved to the dead-letter queue with `reason`, and
+    /// only then removed from the main queue, so it is never lost.
+    async fn dead_letter(&mut self, delivery: &Delivery, reason: &str) -> Result<(), QueueError>;
+
+    /// Still working: push the redelivery deadline `by` further out. A no-op
+    /// where the broker waits for the connection instead (RabbitMQ).
+    async fn extend_lease(&mut self, delivery: &Delivery, by: Duration) -> Result<(), QueueError>;
+}
+
+/// What a chaos run or a test can observe about a queue from the outside.
+#[async_trait::async_trait]
+pub trait QueueInspector: Send + Sync {
+    /// Messages waiting to be handed out (not counting those held by consumers).
+    async fn ready_count(&self) -> Result<u64, QueueError>;
+    /// Messages in the dead-letter queue.
+    async fn dead_letter_count(&self) -> Result<u64, QueueError>;
+}
