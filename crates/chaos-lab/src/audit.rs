@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use sqlx::PgPool;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Audit {
     /// Orders committed in the shop database.
     pub orders_committed: u64,
@@ -23,6 +23,9 @@ pub struct Audit {
     pub unexpected_charges: u64,
     /// Rows in the consumer's own payments table: its belief, not the truth.
     pub payments_recorded: u64,
+    /// Extra charges per order, for the orders charged more than once.
+    #[serde(skip)]
+    pub extra_charges_by_order: HashMap<String, u64>,
 }
 
 impl Audit {
@@ -60,6 +63,11 @@ impl Audit {
                 .map(|(_, &n)| n.max(0) as u64)
                 .sum(),
             payments_recorded,
+            extra_charges_by_order: expected
+                .iter()
+                .filter(|o| charged(o) > 1)
+                .map(|o| (o.clone(), charged(o) - 1))
+                .collect(),
         }
     }
 }

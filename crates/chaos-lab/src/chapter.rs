@@ -74,7 +74,7 @@ impl Lab {
     }
 
     pub async fn run(&self, spec: RunSpec) -> anyhow::Result<RunReport> {
-        eprintln!("running {} ...", spec.variant.name());
+        eprintln!("running {} ({}) ...", spec.variant.name(), spec.scenario);
         run::execute(&spec, self.backend.name()).await
     }
 

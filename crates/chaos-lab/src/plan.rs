@@ -21,6 +21,11 @@ pub enum ProducerFault {
     PublishDropped,
     /// SIGKILL after the order's commit, before its publish.
     CrashAfterCommit,
+    /// Published twice (a retried publish): two deliveries of one event.
+    PublishedTwice,
+    /// Published, then published again with the same event id and another
+    /// amount: a producer bug that only the PSP's 422 can catch.
+    RepublishedAltered,
 }
 
 impl ProducerFault {
@@ -28,6 +33,8 @@ impl ProducerFault {
         match self {
             ProducerFault::PublishDropped => "publish_dropped",
             ProducerFault::CrashAfterCommit => "crash_after_commit",
+            ProducerFault::PublishedTwice => "published_twice",
+            ProducerFault::RepublishedAltered => "republished_altered",
         }
     }
 }
@@ -57,6 +64,7 @@ pub struct FaultMix {
     pub after_commit_before_ack: f64,
     pub publish_dropped: f64,
     pub producer_crash_after_commit: f64,
+    pub published_twice: f64,
 }
 
 impl FaultMix {
@@ -67,6 +75,16 @@ impl FaultMix {
         after_commit_before_ack: 0.05,
         publish_dropped: 0.05,
         producer_crash_after_commit: 0.03,
+        published_twice: 0.0,
+    };
+
+    /// The consumer's legs of [`FaultMix::EVERY_LEG`] alone: the same crash
+    /// points on the same orders for the same seed, without the producer
+    /// faults that no consumer can repair (chapter 4 fixes those).
+    pub const CONSUMER_LEGS: FaultMix = FaultMix {
+        publish_dropped: 0.0,
+        producer_crash_after_commit: 0.0,
+        ..FaultMix::EVERY_LEG
     };
 
     /// No faults at all: the control run.
@@ -76,6 +94,7 @@ impl FaultMix {
         after_commit_before_ack: 0.0,
         publish_dropped: 0.0,
         producer_crash_after_commit: 0.0,
+        published_twice: 0.0,
     };
 }
 
@@ -139,6 +158,10 @@ impl ChaosPlan {
                 mix.producer_crash_after_commit,
                 Fault::Producer(ProducerFault::CrashAfterCommit),
             ),
+            (
+                mix.published_twice,
+                Fault::Producer(ProducerFault::PublishedTwice),
+            ),
         ];
         for (rate, fault) in planned {
             for index in take(rate) {
@@ -163,6 +186,19 @@ impl ChaosPlan {
             .iter()
             .filter(|o| o.producer_fault == Some(fault))
             .count()
+    }
+
+    /// The name of the fault planned on `order_id`, or "no planned fault".
+    pub fn fault_of(&self, order_id: &str) -> &'static str {
+        self.orders
+            .iter()
+            .find(|o| o.order_id.to_string() == order_id)
+            .and_then(|o| {
+                o.consumer_crash
+                    .map(|p| p.name())
+                    .or(o.producer_fault.map(|f| f.name()))
+            })
+            .unwrap_or("no planned fault")
     }
 
     /// One line per fault kind, for the run's stderr header.
@@ -223,6 +259,17 @@ mod tests {
             plan.count_producer_faults(ProducerFault::CrashAfterCommit),
             3
         );
+    }
+
+    #[test]
+    fn the_consumer_legs_hit_the_same_orders_as_every_leg() {
+        let every = ChaosPlan::generate(5, 60, FaultMix::EVERY_LEG);
+        let consumer = ChaosPlan::generate(5, 60, FaultMix::CONSUMER_LEGS);
+        for (a, b) in every.orders.iter().zip(&consumer.orders) {
+            assert_eq!(a.order_id, b.order_id);
+            assert_eq!(a.consumer_crash, b.consumer_crash);
+            assert_eq!(b.producer_fault, None);
+        }
     }
 
     #[test]

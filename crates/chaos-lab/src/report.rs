@@ -10,6 +10,7 @@ use crate::audit::Audit;
 /// The measured result of one variant under one chaos schedule.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
+    pub scenario: String,
     pub variant: String,
     pub backend: String,
     pub messages: usize,
@@ -24,14 +25,58 @@ pub struct RunReport {
     pub dedup_hits: u64,
     pub dedup_hit_rate: f64,
     pub dead_lettered: u64,
+    /// Deliveries handed back to retry later, and why.
+    pub requeued: u64,
+    pub requeued_by_cause: std::collections::BTreeMap<String, u64>,
     /// SIGKILLs the supervisor saw, consumers and producer together.
     pub kills: u64,
     pub consumer_kills: u64,
     pub producer_kills: u64,
     pub audit: Audit,
+    /// Double charges by the fault planned on the charged order's
+    /// (`after_charge_before_commit`, `published_twice`, `none`, ...).
+    pub double_charges_by_fault: std::collections::BTreeMap<String, u64>,
+    /// What each consumer still alive at the end served on `/metrics`.
+    pub consumer_metrics: Vec<ConsumerScrape>,
+    /// Per traced order, what happened to each of its deliveries.
+    pub traces: std::collections::BTreeMap<String, Vec<String>>,
+    /// Settled deliveries per second, from the first receive to the last
+    /// settle (meaningful for prefilled runs).
+    pub throughput_per_second: f64,
     /// False when the run hit its deadline before it drained.
     pub drained: bool,
     pub elapsed_ms: u64,
+}
+
+impl RunReport {
+    /// Double charges on orders that met `fault`.
+    pub fn double_charges_from(&self, fault: &str) -> u64 {
+        self.double_charges_by_fault
+            .get(fault)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The lines of every consumer's scrape whose metric name starts with
+    /// one of `prefixes`, each prefixed with the consumer it came from.
+    pub fn metric_lines(&self, prefixes: &[&str]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for scrape in &self.consumer_metrics {
+            for line in scrape.text.lines() {
+                if !line.starts_with('#') && prefixes.iter().any(|p| line.starts_with(p)) {
+                    lines.push(format!("consumer {}: {line}", scrape.consumer));
+                }
+            }
+        }
+        lines
+    }
+}
+
+/// One consumer's `/metrics` text, scraped when the run had drained.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerScrape {
+    pub consumer: usize,
+    pub text: String,
 }
 
 /// A sentence the chapter promises, and whether this run bore it out.
@@ -59,6 +104,15 @@ pub struct ChapterReport {
     pub runs: Vec<RunReport>,
     pub claims: Vec<Claim>,
     pub claims_hold: bool,
+    /// Extra evidence printed under the table: traces, metric scrapes.
+    pub sections: Vec<Section>,
+}
+
+/// A titled block of lines printed verbatim under the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Section {
+    pub title: String,
+    pub lines: Vec<String>,
 }
 
 impl ChapterReport {
@@ -72,39 +126,78 @@ impl ChapterReport {
             claims_hold: claims.iter().all(|c| c.holds) && runs.iter().all(|r| r.drained),
             runs,
             claims,
+            sections: Vec::new(),
         }
     }
 
+    /// Adds a block of evidence under the table.
+    pub fn with_section(mut self, title: impl Into<String>, lines: Vec<String>) -> Self {
+        self.sections.push(Section {
+            title: title.into(),
+            lines,
+        });
+        self
+    }
+
     pub fn to_markdown(&self) -> String {
-        let mut out = String::new();
-        out.push_str(&format!(
-            "Backend `{}`, {} messages, seed {}. Double charges and lost events are counted from the PSP's ledger; deliveries, redeliveries and dedup hits are the consumers' own counts.\n\n",
-            self.backend, self.messages, self.seed
-        ));
-        out.push_str("| variant | double_charges | lost_events | deliveries | redeliveries | dedup_hits | dedup_hit_rate | dead_lettered | kills (consumer + producer) | orders | ledger rows |\n");
-        out.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        let mut out = format!(
+            "Backend `{}`, seed {}. Double charges, lost events and ledger rows are counted from the PSP's ledger; the other columns are the consumers' own counts.\n\n",
+            self.backend, self.seed
+        );
+        out.push_str("| scenario | variant | messages | double_charges | lost_events | ledger rows | deliveries | redeliveries | dedup_hits | dedup_hit_rate | requeued | dead_lettered | kills (consumer + producer) |\n");
+        out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         for run in &self.runs {
             out.push_str(&format!(
-                "| {}{} | {} | {} | {} | {} | {} | {:.3} | {} | {} ({} + {}) | {} | {} |\n",
+                "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} ({} + {}) |\n",
+                run.scenario,
+                if run.drained { "" } else { " (deadline hit before drain)" },
                 run.variant,
-                if run.drained {
-                    ""
-                } else {
-                    " (deadline hit before drain)"
-                },
+                run.messages,
                 run.double_charges,
                 run.lost_events,
+                run.audit.charges_executed,
                 run.deliveries,
                 run.redeliveries,
                 run.dedup_hits,
                 run.dedup_hit_rate,
+                run.requeued,
                 run.dead_lettered,
                 run.kills,
                 run.consumer_kills,
                 run.producer_kills,
-                run.audit.orders_committed,
-                run.audit.charges_executed,
             ));
+        }
+        let breakdown: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|run| run.double_charges > 0)
+            .map(|run| {
+                let by_fault: Vec<String> = run
+                    .double_charges_by_fault
+                    .iter()
+                    .map(|(fault, n)| format!("{fault} {n}"))
+                    .collect();
+                format!(
+                    "{} / {}: {}",
+                    run.scenario,
+                    run.variant,
+                    by_fault.join(", ")
+                )
+            })
+            .collect();
+        if !breakdown.is_empty() {
+            out.push_str("\nDouble charges by the fault planned on the order:\n\n");
+            for line in breakdown {
+                out.push_str(&format!("- {line}\n"));
+            }
+        }
+        for section in &self.sections {
+            out.push_str(&format!("\n{}:\n\n```text\n", section.title));
+            for line in &section.lines {
+                out.push_str(line);
+                out.push('\n');
+            }
+            out.push_str("```\n");
         }
         out.push('\n');
         for claim in &self.claims {
@@ -121,6 +214,7 @@ mod tests {
 
     fn run(double_charges: u64) -> RunReport {
         RunReport {
+            scenario: "chaos schedule".into(),
             variant: "naive".into(),
             backend: "rabbitmq".into(),
             messages: 10,
@@ -132,6 +226,8 @@ mod tests {
             dedup_hits: 0,
             dedup_hit_rate: 0.0,
             dead_lettered: 0,
+            requeued: 0,
+            requeued_by_cause: Default::default(),
             kills: 3,
             consumer_kills: 2,
             producer_kills: 1,
@@ -142,7 +238,12 @@ mod tests {
                 lost_events: 1,
                 unexpected_charges: 0,
                 payments_recorded: 11,
+                extra_charges_by_order: Default::default(),
             },
+            double_charges_by_fault: Default::default(),
+            consumer_metrics: Vec::new(),
+            traces: Default::default(),
+            throughput_per_second: 0.0,
             drained: true,
             elapsed_ms: 1234,
         }
@@ -152,7 +253,9 @@ mod tests {
     fn markdown_has_a_row_per_run_and_no_timings() {
         let report = ChapterReport::new("ch01", vec![run(2)], vec![Claim::new("x", true)]);
         let md = report.to_markdown();
-        assert!(md.contains("| naive | 2 | 1 | 12 | 2 | 0 | 0.000 | 0 | 3 (2 + 1) | 10 | 11 |"));
+        assert!(md.contains(
+            "| chaos schedule | naive | 10 | 2 | 1 | 11 | 12 | 2 | 0 | 0.000 | 0 | 0 | 3 (2 + 1) |"
+        ));
         assert!(!md.contains("1234"));
         assert!(md.contains("- x: **holds**"));
     }

@@ -155,7 +155,19 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
         crashes: Arc::new(crashes),
         observer: Arc::new(StdoutObserver),
         requeue_delay: Duration::from_millis(200),
+        metrics: Default::default(),
     };
+    // Metrics first, so the supervisor learns where to scrape before any
+    // delivery is counted.
+    let metrics = consumer::metrics::install_recorder()?;
+    let metrics_addr =
+        std::env::var("EO_CONSUMER_METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:0".into());
+    let served = consumer::metrics::serve(metrics, &metrics_addr).await?;
+    consumer
+        .observer
+        .observe(&consumer::observe::Observation::MetricsServed {
+            addr: served.to_string(),
+        });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     consumer
         .run(&mut receiver, async move {
@@ -166,20 +178,40 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reports success for planned drops without sending anything: the message
-/// is lost between the producer and the broker.
-struct DroppingPublisher<P> {
+/// Publishes as the plan says: planned drops report success without sending
+/// anything (the message is lost between producer and broker); planned
+/// duplicates are sent twice, as by a producer that retried a publish whose
+/// confirm it never saw.
+struct ChaosPublisher<P> {
     inner: P,
     dropped: HashSet<String>,
+    duplicated: HashSet<String>,
+    altered: HashSet<String>,
 }
 
 #[async_trait::async_trait]
-impl<P: Publisher> Publisher for DroppingPublisher<P> {
+impl<P: Publisher> Publisher for ChaosPublisher<P> {
     async fn publish(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
         if self.dropped.contains(&message.key) {
             return Ok(());
         }
-        self.inner.publish(message).await
+        if self.duplicated.contains(&message.key) {
+            self.inner.publish(message).await?;
+        }
+        self.inner.publish(message).await?;
+        if self.altered.contains(&message.key) {
+            // Same event id, another amount: what a producer bug that
+            // re-sends an amended order under its old event looks like.
+            if let Ok(mut event) = payments::PaymentEvent::decode(&message.payload) {
+                event.amount_cents += 1;
+                let altered = OutgoingMessage {
+                    payload: event.encode(),
+                    ..message.clone()
+                };
+                self.inner.publish(&altered).await?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -205,9 +237,15 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
             .filter(move |o| o.producer_fault == Some(fault))
             .map(|o| o.order_id)
     };
-    let publisher = DroppingPublisher {
+    let publisher = ChaosPublisher {
         inner: broker.publisher(&Topology::durable(&config.queue)).await?,
         dropped: orders_with(ProducerFault::PublishDropped)
+            .map(|id| id.to_string())
+            .collect(),
+        duplicated: orders_with(ProducerFault::PublishedTwice)
+            .map(|id| id.to_string())
+            .collect(),
+        altered: orders_with(ProducerFault::RepublishedAltered)
             .map(|id| id.to_string())
             .collect(),
     };

@@ -17,13 +17,15 @@ use tokio::sync::mpsc;
 
 use crate::audit::Audit;
 use crate::plan::ChaosPlan;
-use crate::report::RunReport;
+use crate::report::{ConsumerScrape, RunReport};
 use crate::roles::{Role, RunConfig};
 use crate::supervisor::{ExitKind, LabEvent, ProcessId, Supervisor};
 
 /// How one run is set up.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
+    /// What this run shows, in a few words (the table's first column).
+    pub scenario: String,
     pub variant: Variant,
     pub plan: ChaosPlan,
     pub consumers: usize,
@@ -35,6 +37,11 @@ pub struct RunSpec {
     pub deadline: Duration,
     /// How long everything must stay still before the run counts as drained.
     pub quiet_period: Duration,
+    /// Publish every order before any consumer starts, so the consumers'
+    /// throughput is measured on a full queue (benchmarks).
+    pub prefill: bool,
+    /// Orders whose every delivery is traced in the report.
+    pub trace_orders: Vec<uuid::Uuid>,
     /// The binary to start as consumer and producer processes; it must call
     /// [`crate::Role::from_env`] first thing. Default: this executable.
     pub executable: Option<PathBuf>,
@@ -45,6 +52,7 @@ impl RunSpec {
         let deadline =
             Duration::from_secs(60) + Duration::from_millis(100) * plan.orders.len() as u32;
         Self {
+            scenario: "chaos schedule".to_owned(),
             variant,
             plan,
             consumers,
@@ -54,6 +62,8 @@ impl RunSpec {
             deadline,
             quiet_period: Duration::from_millis(1000),
             executable: None,
+            trace_orders: Vec::new(),
+            prefill: false,
         }
     }
 }
@@ -65,6 +75,7 @@ struct Tally {
     redeliveries: u64,
     dedup_hits: u64,
     dead_lettered: u64,
+    requeued: std::collections::BTreeMap<String, u64>,
     settled_orders: std::collections::HashSet<uuid::Uuid>,
     consumer_kills: u64,
     producer_kills: u64,
@@ -72,6 +83,15 @@ struct Tally {
     in_hand: HashMap<ProcessId, u64>,
     producer_done: bool,
     last_event: Option<Instant>,
+    /// Where each live consumer serves `/metrics`.
+    metrics_addrs: HashMap<ProcessId, String>,
+    /// The order each consumer process is handling, for the traces.
+    holding: HashMap<ProcessId, uuid::Uuid>,
+    traced: std::collections::HashSet<uuid::Uuid>,
+    traces: std::collections::BTreeMap<String, Vec<String>>,
+    first_received: Option<Instant>,
+    last_settled: Option<Instant>,
+    settled: u64,
 }
 
 impl Tally {
@@ -82,24 +102,64 @@ impl Tally {
                 process,
                 observation,
             } => match observation {
-                Observation::Received { redelivered, .. } => {
+                Observation::Received {
+                    redelivered,
+                    order_id,
+                    ..
+                } => {
                     self.deliveries += 1;
                     self.redeliveries += u64::from(*redelivered);
+                    self.first_received.get_or_insert_with(Instant::now);
                     *self.in_hand.entry(*process).or_default() += 1;
+                    if let Some(order_id) = order_id {
+                        self.holding.insert(*process, *order_id);
+                        let delivery = if *redelivered {
+                            "redelivered"
+                        } else {
+                            "first delivery"
+                        };
+                        self.trace(
+                            *order_id,
+                            format!("consumer {} receives it ({delivery})", process.slot),
+                        );
+                    }
                 }
                 Observation::Settled { order_id, outcome } => {
+                    self.settled += 1;
+                    self.last_settled = Some(Instant::now());
+                    if let Some(order_id) = order_id {
+                        self.holding.remove(process);
+                        self.trace(
+                            *order_id,
+                            format!("consumer {}: {}", process.slot, describe(outcome)),
+                        );
+                    }
                     let held = self.in_hand.entry(*process).or_default();
                     *held = held.saturating_sub(1);
                     match outcome {
                         Outcome::Duplicate => self.dedup_hits += 1,
                         Outcome::DeadLettered { .. } => self.dead_lettered += 1,
+                        Outcome::Requeued { reason } => {
+                            *self
+                                .requeued
+                                .entry(requeue_cause(reason).to_owned())
+                                .or_default() += 1;
+                        }
                         _ => {}
                     }
                     if let Some(order_id) = order_id {
                         self.settled_orders.insert(*order_id);
                     }
                 }
-                Observation::Crashing { .. } => {}
+                Observation::Crashing { order_id, point } => {
+                    self.trace(
+                        *order_id,
+                        format!("consumer {} reaches {point}: SIGKILL", process.slot),
+                    );
+                }
+                Observation::MetricsServed { addr } => {
+                    self.metrics_addrs.insert(*process, addr.clone());
+                }
             },
             LabEvent::Exited {
                 process,
@@ -107,7 +167,19 @@ impl Tally {
                 stopping,
             } => {
                 self.in_hand.remove(process);
+                self.metrics_addrs.remove(process);
                 let killed = *exit == ExitKind::Killed { signal: 9 };
+                if let Some(order_id) = self.holding.remove(process) {
+                    if killed && !stopping {
+                        self.trace(
+                            order_id,
+                            format!(
+                            "consumer {} dies (signal 9); the broker requeues its unacked message",
+                            process.slot
+                        ),
+                        );
+                    }
+                }
                 match process.role {
                     Role::Consumer if killed && !stopping => self.consumer_kills += 1,
                     Role::Producer if killed => self.producer_kills += 1,
@@ -125,8 +197,45 @@ impl Tally {
         Ok(())
     }
 
+    fn trace(&mut self, order_id: uuid::Uuid, line: String) {
+        if self.traced.contains(&order_id) {
+            self.traces
+                .entry(order_id.to_string())
+                .or_default()
+                .push(line);
+        }
+    }
+
     fn idle(&self) -> bool {
         self.in_hand.values().all(|&n| n == 0)
+    }
+}
+
+/// Groups requeue reasons by the PSP answer behind them (the client's error
+/// messages start with the status code, or say it timed out).
+fn requeue_cause(reason: &str) -> &'static str {
+    if reason.starts_with("409") {
+        "409 in flight"
+    } else if reason.contains("did not answer in time") {
+        "timeout"
+    } else if reason.starts_with('5') {
+        "5xx"
+    } else {
+        "other"
+    }
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        // The charge id changes on every run; the book's traces leave it out.
+        Outcome::Charged { .. } => "charged, committed, acked".to_owned(),
+        Outcome::Duplicate => format!(
+            "INSERT violates {}: ROLLBACK, ack (dedup hit)",
+            consumer::dedup::PROCESSED_CONSTRAINT
+        ),
+        Outcome::Requeued { reason } => format!("requeued: {reason}"),
+        Outcome::DeadLettered { reason } => format!("dead-lettered: {reason}"),
+        Outcome::Lost { reason } => format!("lost: {reason}"),
     }
 }
 
@@ -209,14 +318,31 @@ async fn run_in(
         None => std::env::current_exe().context("locating this executable")?,
     };
     let mut supervisor = Supervisor::new(executable, config_path, work_dir.clone(), events_tx);
+    let mut tally = Tally {
+        traced: spec.trace_orders.iter().copied().collect(),
+        ..Tally::default()
+    };
+    if spec.prefill {
+        supervisor.start(Role::Producer, 0);
+        while !tally.producer_done {
+            let event = tokio::time::timeout(spec.deadline, events.recv())
+                .await
+                .context("the producer did not finish filling the queue in time")?
+                .context("the supervisor stopped")?;
+            tally
+                .record(&event)
+                .map_err(|reason| anyhow::anyhow!(reason))?;
+        }
+    }
     for slot in 0..spec.consumers {
         supervisor.start(Role::Consumer, slot);
     }
-    supervisor.start(Role::Producer, 0);
+    if !spec.prefill {
+        supervisor.start(Role::Producer, 0);
+    }
 
     let progress = Progress::new(spec.variant.name(), spec.plan.orders.len() as u64);
     let inspector = broker.inspector(topology);
-    let mut tally = Tally::default();
     let deadline = Instant::now() + spec.deadline;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let outcome: Result<bool, String> = loop {
@@ -240,6 +366,7 @@ async fn run_in(
             }
         }
     };
+    let consumer_metrics = scrape_all(&tally.metrics_addrs).await;
     supervisor.stop().await;
     while let Ok(event) = events.try_recv() {
         let _ = tally.record(&event);
@@ -256,7 +383,14 @@ async fn run_in(
     }
 
     let audit = Audit::measure(&shop.pool, &psp_db.pool).await?;
+    let mut double_charges_by_fault = std::collections::BTreeMap::new();
+    for (order_id, extra) in &audit.extra_charges_by_order {
+        *double_charges_by_fault
+            .entry(spec.plan.fault_of(order_id).to_owned())
+            .or_insert(0) += extra;
+    }
     Ok(RunReport {
+        scenario: spec.scenario.clone(),
         variant: spec.variant.name().to_owned(),
         backend: backend.to_owned(),
         messages: spec.plan.orders.len(),
@@ -272,13 +406,51 @@ async fn run_in(
             tally.dedup_hits as f64 / tally.deliveries as f64
         },
         dead_lettered: tally.dead_lettered,
+        requeued: tally.requeued.values().sum(),
+        requeued_by_cause: tally.requeued.clone(),
         kills: tally.consumer_kills + tally.producer_kills,
         consumer_kills: tally.consumer_kills,
         producer_kills: tally.producer_kills,
         audit,
+        double_charges_by_fault,
+        consumer_metrics,
+        throughput_per_second: match (tally.first_received, tally.last_settled) {
+            (Some(first), Some(last)) if last > first => {
+                tally.settled as f64 / (last - first).as_secs_f64()
+            }
+            _ => 0.0,
+        },
+        traces: tally.traces,
         drained,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// What every live consumer serves on `/metrics`, by consumer slot.
+async fn scrape_all(addrs: &HashMap<ProcessId, String>) -> Vec<ConsumerScrape> {
+    let client = reqwest::Client::new();
+    let mut addrs: Vec<(&ProcessId, &String)> = addrs.iter().collect();
+    addrs.sort_by_key(|(process, _)| process.slot);
+    let mut scrapes = Vec::new();
+    for (process, addr) in addrs {
+        let scraped = async {
+            client
+                .get(format!("http://{addr}/metrics"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await?
+                .text()
+                .await
+        };
+        match scraped.await {
+            Ok(text) => scrapes.push(ConsumerScrape {
+                consumer: process.slot,
+                text,
+            }),
+            Err(error) => eprintln!("warning: scraping {addr}/metrics failed: {error}"),
+        }
+    }
+    scrapes
 }
 
 /// A bar on a terminal; a line every few seconds anywhere else (CI logs).

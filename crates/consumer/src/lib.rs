@@ -23,10 +23,15 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 pub mod crash;
+pub mod dedup;
+pub mod hardened;
+pub mod metrics;
 pub mod naive;
 pub mod observe;
+pub mod retention;
 
 use crash::{CrashPoint, CrashSchedule};
+use hardened::ChargeKey;
 use observe::{Observation, Observer, Outcome};
 
 /// Which consumer runs. Each variant is a whole, separate handler.
@@ -37,6 +42,10 @@ pub enum Variant {
     Naive,
     /// Ack as soon as the message arrives (at-most-once). Loses.
     AckOnReceipt,
+    /// INSERT-first dedup in the payment transaction; no Idempotency-Key.
+    DedupOnly,
+    /// INSERT-first dedup and a stable Idempotency-Key on the charge.
+    Hardened,
 }
 
 impl Variant {
@@ -44,6 +53,8 @@ impl Variant {
         match self {
             Variant::Naive => "naive",
             Variant::AckOnReceipt => "naive-ack-on-receipt",
+            Variant::DedupOnly => "dedup-without-key",
+            Variant::Hardened => "dedup-with-key",
         }
     }
 }
@@ -75,6 +86,7 @@ pub struct PaymentConsumer {
     /// How long to wait before handing a failed delivery back, so that a
     /// PSP outage does not turn into a hot redelivery loop.
     pub requeue_delay: Duration,
+    pub metrics: metrics::DeliveryMetrics,
 }
 
 impl PaymentConsumer {
@@ -103,12 +115,15 @@ impl PaymentConsumer {
         receiver: &mut dyn Receiver,
         delivery: Delivery,
     ) -> Result<Outcome, ConsumerError> {
+        let started = std::time::Instant::now();
         let decoded = PaymentEvent::decode(&delivery.payload);
         let order_id = decoded.as_ref().ok().map(|event| event.order_id);
+        let redelivered = !is_first_delivery(&delivery);
+        self.metrics.received(redelivered);
         self.observer.observe(&Observation::Received {
             message_id: delivery.message_id.clone(),
             order_id,
-            redelivered: !is_first_delivery(&delivery),
+            redelivered,
         });
         let outcome = match self.variant {
             Variant::Naive => {
@@ -117,7 +132,22 @@ impl PaymentConsumer {
             Variant::AckOnReceipt => {
                 naive::handle_ack_on_receipt(self, receiver, &delivery, decoded).await?
             }
+            Variant::DedupOnly => {
+                hardened::handle_insert_first(self, receiver, &delivery, decoded, ChargeKey::None)
+                    .await?
+            }
+            Variant::Hardened => {
+                hardened::handle_insert_first(
+                    self,
+                    receiver,
+                    &delivery,
+                    decoded,
+                    ChargeKey::FromEvent,
+                )
+                .await?
+            }
         };
+        self.metrics.settled(&outcome, started.elapsed());
         self.observer.observe(&Observation::Settled {
             order_id,
             outcome: outcome.clone(),
@@ -162,6 +192,16 @@ pub(crate) async fn record_payment(
     charge_id: &str,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    insert_payment(&mut tx, event, charge_id).await?;
+    tx.commit().await
+}
+
+/// The payment row, on a transaction the caller commits.
+pub(crate) async fn insert_payment(
+    tx: &mut sqlx::PgConnection,
+    event: &PaymentEvent,
+    charge_id: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO payments (order_id, event_id, psp_charge_id, amount_cents, currency) \
          VALUES ($1, $2, $3, $4, $5)",
@@ -173,5 +213,5 @@ pub(crate) async fn record_payment(
     .bind(&event.currency)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await
+    Ok(())
 }

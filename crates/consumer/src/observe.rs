@@ -23,6 +23,8 @@ pub enum Observation {
         order_id: Option<Uuid>,
         outcome: Outcome,
     },
+    /// The process serves its Prometheus metrics at this address.
+    MetricsServed { addr: String },
     /// The process is about to SIGKILL itself at this point.
     Crashing { order_id: Uuid, point: CrashPoint },
 }

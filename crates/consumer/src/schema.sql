@@ -9,3 +9,19 @@ CREATE TABLE IF NOT EXISTS payments (
     currency      text NOT NULL,
     recorded_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- The hardened consumer's dedup table (chapter 2): one row per event it has
+-- processed, inserted FIRST, in the same transaction as the payment. The
+-- named primary key is what turns a duplicate delivery into a unique
+-- violation, mapped to a domain outcome by name, never by message text.
+-- ANCHOR: processed_messages
+CREATE TABLE IF NOT EXISTS processed_messages (
+    event_id     uuid NOT NULL,
+    order_id     uuid NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT processed_messages_event_id_key PRIMARY KEY (event_id)
+);
+-- ANCHOR_END: processed_messages
+-- Retention deletes by age; without this index every cleanup is a full scan.
+CREATE INDEX IF NOT EXISTS processed_messages_processed_at_idx
+    ON processed_messages (processed_at);

@@ -156,6 +156,7 @@ impl Harness {
             crashes: Arc::new(NeverCrash),
             observer: observer.clone(),
             requeue_delay: REQUEUE_DELAY,
+            metrics: Default::default(),
         };
         Self {
             consumer,

@@ -1,0 +1,147 @@
+//! Chapter 3: the Idempotency-Key.
+//!
+//! Dedup in our database cannot take back money that moved outside it. The
+//! fix belongs at the PSP: every charge carries an Idempotency-Key derived
+//! from the event, the same on every redelivery, every consumer and every
+//! retry, so the PSP replays the first charge instead of making a second.
+//!
+//! Measured here, all against the real PSP and its ledger:
+//! - chapter 1's crash schedule (the consumer's legs): dedup without a key
+//!   against dedup with the key;
+//! - the PSP losing responses after it charged ("charged but the response
+//!   was lost"): the naive consumer against the hardened one;
+//! - what a retry gets back: 409 while the first attempt is still in flight
+//!   (retried later), 422 when the key comes back with other parameters (a
+//!   poison message, dead-lettered with its reason, never charged twice).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chaos_lab::plan::ProducerFault;
+use chaos_lab::{ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab, Role};
+use consumer::crash::CrashPoint;
+use consumer::Variant;
+use psp::FaultConfig;
+
+static CHAPTER: Chapter = Chapter {
+    id: "ch03",
+    title: "the Idempotency-Key",
+    default_messages: 60,
+};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    if let Some(role) = Role::from_env() {
+        return role.run().await;
+    }
+    chaos_lab::chapter::main(&CHAPTER, idempotency_key).await
+}
+
+async fn idempotency_key(lab: Lab) -> anyhow::Result<ChapterReport> {
+    // Chapter 1's crash points, with and without the key.
+    let plan = lab.plan(FaultMix::CONSUMER_LEGS);
+    eprintln!("fault schedule: {}", plan.summary());
+    let dedup_only = lab.run(lab.spec(Variant::DedupOnly, &plan)).await?;
+    let hardened = lab.run(lab.spec(Variant::Hardened, &plan)).await?;
+
+    // The PSP charges, then loses one response in five: the consumer's call
+    // times out not knowing whether money moved.
+    let quiet = lab.plan(FaultMix::NONE);
+    let lost_responses = |variant| {
+        let mut spec = lab.spec(variant, &quiet);
+        spec.scenario = "PSP loses 20% of responses".into();
+        spec.psp_faults = FaultConfig {
+            lost_response_rate: 0.2,
+            seed: lab.seed,
+            lost_response_hold: Duration::from_secs(2),
+            ..FaultConfig::default()
+        };
+        spec.psp_timeout = Duration::from_millis(300);
+        spec
+    };
+    let naive_lost = lab.run(lost_responses(Variant::Naive)).await?;
+    let hardened_lost = lab.run(lost_responses(Variant::Hardened)).await?;
+
+    // 409: the PSP takes 800 ms, the consumer gives up after 300 ms and its
+    // retry arrives while the first request is still being processed.
+    let one = ChaosPlan::generate(lab.seed, 1, FaultMix::NONE);
+    let mut spec = lab.spec(Variant::Hardened, &one);
+    spec.scenario = "retry while the first call is in flight".into();
+    spec.psp_faults = FaultConfig {
+        latency: Duration::from_millis(800),
+        ..FaultConfig::default()
+    };
+    spec.psp_timeout = Duration::from_millis(300);
+    spec.trace_orders = vec![one.orders[0].order_id];
+    let in_flight = lab.run(spec).await?;
+
+    // 422: the first attempt charges and dies before its commit; the
+    // producer meanwhile re-sent the event with another amount.
+    let mut poisoned = ChaosPlan::generate(lab.seed, 1, FaultMix::NONE);
+    poisoned.orders[0].consumer_crash = Some(CrashPoint::AfterChargeBeforeCommit);
+    poisoned.orders[0].producer_fault = Some(ProducerFault::RepublishedAltered);
+    let mut spec = lab.spec(Variant::Hardened, &poisoned);
+    spec.scenario = "same key, other amount".into();
+    spec.trace_orders = vec![poisoned.orders[0].order_id];
+    let reused = lab.run(spec).await?;
+
+    let after_charge = CrashPoint::AfterChargeBeforeCommit.name();
+    let claims = vec![
+        Claim::new(
+            "without a key, dedup still double-charges after_charge_before_commit",
+            dedup_only.double_charges_from(after_charge) > 0,
+        ),
+        Claim::new(
+            "with the key: zero double charges and zero lost events under the same schedule",
+            hardened.double_charges == 0
+                && hardened.lost_events == 0
+                && hardened.consumer_kills > 0,
+        ),
+        Claim::new(
+            "lost responses double-charge the naive consumer's retries",
+            naive_lost.double_charges > 0,
+        ),
+        Claim::new(
+            "lost responses: the hardened consumer retries with the same key, one charge per order",
+            hardened_lost.double_charges == 0
+                && hardened_lost.lost_events == 0
+                && hardened_lost
+                    .requeued_by_cause
+                    .get("timeout")
+                    .copied()
+                    .unwrap_or(0)
+                    > 0,
+        ),
+        Claim::new(
+            "a 409 is retried later and ends in exactly one charge",
+            in_flight
+                .requeued_by_cause
+                .get("409 in flight")
+                .copied()
+                .unwrap_or(0)
+                > 0
+                && in_flight.audit.charges_executed == 1,
+        ),
+        Claim::new(
+            "a 422 is dead-lettered with its reason; the order is charged once",
+            reused.dead_lettered == 1 && reused.audit.charges_executed == 1,
+        ),
+    ];
+    let traces = |run: &chaos_lab::RunReport| run.traces.values().flatten().cloned().collect();
+    let in_flight_trace = traces(&in_flight);
+    let reused_trace = traces(&reused);
+    Ok(lab
+        .report(
+            vec![
+                dedup_only,
+                hardened,
+                naive_lost,
+                hardened_lost,
+                in_flight,
+                reused,
+            ],
+            claims,
+        )
+        .with_section("409: the retry that arrived too early", in_flight_trace)
+        .with_section("422: the same key with another amount", reused_trace))
+}

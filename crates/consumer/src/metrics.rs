@@ -1,0 +1,119 @@
+//! The consumer's Prometheus metrics, served on `/metrics`.
+//!
+//! The counters live in the process, so a SIGKILL resets them: that is one
+//! more reason the chaos lab audits the PSP's ledger and counts deliveries
+//! from the consumers' observation lines, and reports these beside them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::observe::Outcome;
+
+pub const DELIVERIES: &str = "deliveries_total";
+pub const REDELIVERIES: &str = "redeliveries_total";
+pub const DEDUP_HITS: &str = "dedup_hits_total";
+pub const DEDUP_HIT_RATE: &str = "dedup_hit_rate";
+pub const CHARGES: &str = "charges_total";
+pub const DEAD_LETTERED: &str = "dead_lettered_total";
+pub const REQUEUED: &str = "requeued_total";
+pub const LOST: &str = "lost_total";
+pub const PROCESSING_SECONDS: &str = "processing_seconds";
+
+/// Bucket bounds for the processing time: from a fast local charge to a PSP
+/// call that ran into its timeout.
+const PROCESSING_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("installing the Prometheus recorder: {0}")]
+    Install(String),
+    #[error("binding the metrics endpoint on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Installs the process-wide Prometheus recorder. Call once per process.
+pub fn install_recorder() -> Result<PrometheusHandle, MetricsError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(PROCESSING_SECONDS.to_owned()),
+            &PROCESSING_BUCKETS,
+        )
+        .map_err(|e| MetricsError::Install(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| MetricsError::Install(e.to_string()))
+}
+
+/// Serves `GET /metrics` on `addr` (port 0 picks one) and returns the
+/// address it bound.
+pub async fn serve(handle: PrometheusHandle, addr: &str) -> Result<SocketAddr, MetricsError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError::Bind {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    let app = Router::new().route("/metrics", get(move || async move { handle.render() }));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(bound)
+}
+
+/// Records one delivery's life. The rate is kept here because Prometheus
+/// cannot divide two counters of a process that died between scrapes.
+#[derive(Debug, Default)]
+pub struct DeliveryMetrics {
+    deliveries: AtomicU64,
+    dedup_hits: AtomicU64,
+}
+
+impl DeliveryMetrics {
+    pub fn received(&self, redelivered: bool) {
+        self.deliveries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(DELIVERIES).increment(1);
+        if redelivered {
+            metrics::counter!(REDELIVERIES).increment(1);
+        }
+        self.publish_rate();
+    }
+
+    pub fn settled(&self, outcome: &Outcome, elapsed: Duration) {
+        metrics::histogram!(PROCESSING_SECONDS).record(elapsed.as_secs_f64());
+        match outcome {
+            Outcome::Charged { .. } => metrics::counter!(CHARGES).increment(1),
+            Outcome::Duplicate => {
+                self.dedup_hits.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(DEDUP_HITS).increment(1);
+            }
+            Outcome::Requeued { .. } => metrics::counter!(REQUEUED).increment(1),
+            Outcome::DeadLettered { .. } => metrics::counter!(DEAD_LETTERED).increment(1),
+            Outcome::Lost { .. } => metrics::counter!(LOST).increment(1),
+        }
+        self.publish_rate();
+    }
+
+    fn publish_rate(&self) {
+        let deliveries = self.deliveries.load(Ordering::Relaxed);
+        let hits = self.dedup_hits.load(Ordering::Relaxed);
+        let rate = if deliveries == 0 {
+            0.0
+        } else {
+            hits as f64 / deliveries as f64
+        };
+        metrics::gauge!(DEDUP_HIT_RATE).set(rate);
+    }
+}

@@ -1,0 +1,529 @@
+//! How long the dedup table keeps a processed event, and how old rows go.
+//!
+//! The hardened consumer INSERTs each event's id into `processed_messages`
+//! first, in the same transaction as the payment; a redelivery hits the
+//! primary key and is acked as a duplicate. The table cannot grow forever,
+//! but a row deleted too early is worse than a big table: the next
+//! redelivery of that event finds nothing, and the customer is charged
+//! again (Leg 3).
+//!
+//! # Layout
+//!
+//! - [`delete_expired`]: removes rows older than a [`RetentionPolicy`]'s
+//!   window, in small batches, so that the consumer keeps inserting while
+//!   cleanup runs.
+//! - [`RedeliveryHorizon`] and [`check`]: how late the broker can still
+//!   redeliver a message, and whether a window outlasts that.
+//! - [`parse_duration`] and [`format_duration`]: the `30s` / `15m` / `4h` /
+//!   `7d` spelling that the runbook, the CLI and the verdicts share.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetentionError {
+    #[error("retention batch size must be at least 1, got {0}")]
+    BatchSize(i64),
+    #[error(
+        "retention window must be longer than zero: a zero window deletes the dedup rows \
+         of messages the broker may still redeliver"
+    )]
+    ZeroWindow,
+    #[error("dedup table cleanup: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = RetentionError> = std::result::Result<T, E>;
+
+// ---------------------------------------------------------------------------
+// Cleanup
+
+/// What [`delete_expired`] deletes, and how much at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// A row older than this is deleted. Must outlast the broker's
+    /// [`RedeliveryHorizon`]; see [`check`].
+    pub window: Duration,
+    /// Rows deleted per transaction.
+    pub batch_size: i64,
+}
+
+impl RetentionPolicy {
+    pub const DEFAULT_WINDOW: Duration = Duration::from_secs(7 * DAY);
+    pub const DEFAULT_BATCH_SIZE: i64 = 5000;
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        Self {
+            window: Self::DEFAULT_WINDOW,
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+        }
+    }
+}
+
+/// What one [`delete_expired`] run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanupReport {
+    pub rows_deleted: u64,
+    /// DELETE statements run, each its own transaction. The last one is the
+    /// one that found fewer than `batch_size` rows (possibly none), so an
+    /// empty table still takes one batch.
+    pub batches: u32,
+    /// Rows processed before this instant (database clock) were eligible.
+    pub cutoff: DateTime<Utc>,
+    pub elapsed: Duration,
+}
+
+impl CleanupReport {
+    pub fn rows_per_second(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.rows_deleted as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The cutoff, computed once, on the database's clock: `processed_at` is
+/// written by the database's `now()`, so the application's clock (which may
+/// be skewed) must not decide which rows are old enough.
+const CUTOFF: &str = "SELECT now() - make_interval(secs => $1)";
+
+/// One batch: the oldest `$2` rows before the cutoff, found through the
+/// `processed_at` index, then deleted by primary key.
+///
+/// `= ANY (ARRAY(...))`, not `IN (...)`: with `IN`, Postgres may hash-join
+/// the few thousand ids against a sequential scan of the whole table, so
+/// every batch reads every row and a big cleanup costs rows × batches.
+/// `ARRAY(...)` runs the subquery once, first, and each id is then looked
+/// up in the primary key: a batch costs the same on a table of any size.
+///
+/// The LIMIT is the point. One unbounded DELETE of millions of rows holds
+/// its row locks until it commits, and a redelivery of one of those events
+/// (an INSERT of the same `event_id`) would wait on it the whole time; it
+/// also writes its whole WAL at once. A batch holds its locks for
+/// milliseconds, and new rows (recent `processed_at`, the other end of the
+/// index) are never touched.
+const DELETE_BATCH: &str = "\
+DELETE FROM processed_messages
+ WHERE event_id = ANY (ARRAY(SELECT event_id
+                               FROM processed_messages
+                              WHERE processed_at < $1
+                              ORDER BY processed_at
+                              LIMIT $2))";
+
+/// Deletes every dedup row processed more than `policy.window` ago, in
+/// batches of `policy.batch_size`, until a batch deletes fewer than that.
+///
+/// Each batch is its own short transaction (an autocommitted statement), so
+/// the consumer keeps inserting while cleanup runs, and an interrupted
+/// cleanup keeps what it already deleted: running it again carries on.
+///
+/// The cutoff is fixed when the run starts, so the loop ends even while new
+/// rows keep crossing the window.
+pub async fn delete_expired(pool: &PgPool, policy: &RetentionPolicy) -> Result<CleanupReport> {
+    if policy.batch_size < 1 {
+        // LIMIT 0 deletes nothing and is never "fewer than 0": it would loop forever.
+        return Err(RetentionError::BatchSize(policy.batch_size));
+    }
+    if policy.window.is_zero() {
+        return Err(RetentionError::ZeroWindow);
+    }
+    let started = Instant::now();
+    let cutoff: DateTime<Utc> = sqlx::query_scalar(CUTOFF)
+        .bind(policy.window.as_secs_f64())
+        .fetch_one(pool)
+        .await?;
+
+    let mut rows_deleted = 0u64;
+    let mut batches = 0u32;
+    loop {
+        let deleted = sqlx::query(DELETE_BATCH)
+            .bind(cutoff)
+            .bind(policy.batch_size)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        rows_deleted += deleted;
+        batches += 1;
+        tracing::debug!(batch = batches, deleted, "dedup cleanup batch");
+        // A short batch means nothing older than the cutoff is left.
+        if deleted < policy.batch_size as u64 {
+            break;
+        }
+    }
+    Ok(CleanupReport {
+        rows_deleted,
+        batches,
+        cutoff,
+        elapsed: started.elapsed(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// How long is long enough
+
+/// How late the broker can still hand the consumer a message it has
+/// already processed, counted from the processing.
+///
+/// Fill it in from the broker's settings, not from what usually happens:
+/// the window has to cover the worst legal case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedeliveryHorizon {
+    /// Receives before the message is dead-lettered: SQS `maxReceiveCount`,
+    /// RabbitMQ quorum queue `delivery-limit`.
+    pub max_receives: u32,
+    /// How long one receive may hold the message before the broker hands it
+    /// out again: SQS visibility timeout (or the longest a heartbeat extends
+    /// it), RabbitMQ `consumer_timeout` (30 min by default).
+    pub redelivery_timeout: Duration,
+    /// How long a dead-lettered message may still be redriven into the
+    /// queue: the dead-letter queue's retention (SQS: 4 days by default).
+    pub dead_letter_redrive_window: Duration,
+}
+
+impl RedeliveryHorizon {
+    /// `max_receives × redelivery_timeout + dead_letter_redrive_window`:
+    /// the last moment a redelivery can arrive, if every receive times out
+    /// and the dead letter is redriven at the end of its window.
+    pub fn horizon(&self) -> Duration {
+        self.redelivery_timeout
+            .saturating_mul(self.max_receives)
+            .saturating_add(self.dead_letter_redrive_window)
+    }
+}
+
+impl fmt::Display for RedeliveryHorizon {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({} receives × {} + redrive window {})",
+            format_duration(self.horizon()),
+            self.max_receives,
+            format_duration(self.redelivery_timeout),
+            format_duration(self.dead_letter_redrive_window),
+        )
+    }
+}
+
+/// Whether a retention window outlasts the redelivery horizon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionVerdict {
+    /// Every redelivery arrives while its dedup row still exists.
+    Safe {
+        window: Duration,
+        horizon: RedeliveryHorizon,
+        margin: Duration,
+    },
+    /// A redelivery can arrive after its dedup row is gone.
+    Unsafe {
+        window: Duration,
+        horizon: RedeliveryHorizon,
+        shortfall: Duration,
+    },
+}
+
+impl RetentionVerdict {
+    pub fn is_safe(&self) -> bool {
+        matches!(self, RetentionVerdict::Safe { .. })
+    }
+}
+
+/// Compares a retention window with the redelivery horizon.
+///
+/// A window equal to the horizon is safe: cleanup deletes only rows
+/// strictly older than the window, and a row lives until the next cleanup
+/// after that, never less.
+pub fn check(window: Duration, horizon: &RedeliveryHorizon) -> RetentionVerdict {
+    let last_redelivery = horizon.horizon();
+    if window >= last_redelivery {
+        RetentionVerdict::Safe {
+            window,
+            horizon: *horizon,
+            margin: window - last_redelivery,
+        }
+    } else {
+        RetentionVerdict::Unsafe {
+            window,
+            horizon: *horizon,
+            shortfall: last_redelivery - window,
+        }
+    }
+}
+
+impl fmt::Display for RetentionVerdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RetentionVerdict::Safe {
+                window,
+                horizon,
+                margin,
+            } if margin.is_zero() => write!(
+                f,
+                "safe, with no margin: window {} equals the redelivery horizon {horizon}; \
+                 any longer receive timeout or redrive window makes it unsafe",
+                format_duration(*window),
+            ),
+            RetentionVerdict::Safe {
+                window,
+                horizon,
+                margin,
+            } => write!(
+                f,
+                "safe: window {} outlasts the redelivery horizon {horizon} by {}",
+                format_duration(*window),
+                format_duration(*margin),
+            ),
+            RetentionVerdict::Unsafe {
+                window,
+                horizon,
+                shortfall,
+            } => write!(
+                f,
+                "UNSAFE: window {} is {} shorter than the redelivery horizon {horizon}; \
+                 a message redelivered after {} finds no dedup row and would be charged \
+                 again; raise the window to at least {}",
+                format_duration(*window),
+                format_duration(*shortfall),
+                format_duration(*window),
+                format_duration(horizon.horizon()),
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Durations as people write them
+
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("empty duration: write e.g. 30s, 15m, 4h or 7d")]
+    Empty,
+    #[error("`{0}` has no unit: write e.g. {0}s, {0}m, {0}h or {0}d")]
+    MissingUnit(String),
+    #[error("`{0}` is not a duration: write a number then a unit, e.g. 30s, 15m, 4h, 7d or 4d 2h")]
+    Malformed(String),
+    #[error("unknown unit `{unit}` in `{input}`: use s, m, h or d")]
+    UnknownUnit { input: String, unit: String },
+    #[error("`{0}` is too long a duration")]
+    Overflow(String),
+}
+
+/// Parses `30s`, `15m`, `4h`, `7d`, and sums of them such as `4d 2h 30m`
+/// or `1h30m` (what [`format_duration`] prints reads back in).
+pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
+    let text = input.trim();
+    if text.is_empty() {
+        return Err(DurationError::Empty);
+    }
+    let mut total = 0u64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return Err(DurationError::Malformed(input.to_owned()));
+        }
+        let (number, after) = rest.split_at(digits);
+        let letters = after.len() - after.trim_start_matches(|c: char| c.is_alphabetic()).len();
+        let (unit, after) = after.split_at(letters);
+        let scale = match unit {
+            "s" => 1,
+            "m" => MINUTE,
+            "h" => HOUR,
+            "d" => DAY,
+            "" if after.trim().is_empty() && total == 0 => {
+                return Err(DurationError::MissingUnit(number.to_owned()))
+            }
+            "" => return Err(DurationError::Malformed(input.to_owned())),
+            other => {
+                return Err(DurationError::UnknownUnit {
+                    input: input.to_owned(),
+                    unit: other.to_owned(),
+                })
+            }
+        };
+        let overflow = || DurationError::Overflow(input.to_owned());
+        let value: u64 = number.parse().map_err(|_| overflow())?;
+        total = value
+            .checked_mul(scale)
+            .and_then(|secs| total.checked_add(secs))
+            .ok_or_else(overflow)?;
+        rest = after.trim_start();
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// `7d`, `4d 0h 50m`, `2h 30m`, `45s`: days, hours, minutes, seconds, with
+/// the zero parts at either end left out and the ones in between kept, so
+/// that the magnitude is visible at a glance. Below one second: `250ms`.
+pub fn format_duration(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    if secs == 0 {
+        return match duration.subsec_millis() {
+            0 => "0s".to_owned(),
+            ms => format!("{ms}ms"),
+        };
+    }
+    let parts = [
+        (secs / DAY, "d"),
+        (secs % DAY / HOUR, "h"),
+        (secs % HOUR / MINUTE, "m"),
+        (secs % MINUTE, "s"),
+    ];
+    let first = parts.iter().position(|(n, _)| *n > 0).unwrap_or(0);
+    let last = parts.iter().rposition(|(n, _)| *n > 0).unwrap_or(0);
+    parts[first..=last]
+        .iter()
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(text: &str) -> Duration {
+        parse_duration(text).unwrap()
+    }
+
+    #[test]
+    fn durations_parse_in_every_unit_and_as_sums() {
+        assert_eq!(d("30s"), Duration::from_secs(30));
+        assert_eq!(d("15m"), Duration::from_secs(15 * 60));
+        assert_eq!(d("4h"), Duration::from_secs(4 * 3600));
+        assert_eq!(d("7d"), Duration::from_secs(7 * 86_400));
+        assert_eq!(d("1h30m"), Duration::from_secs(5400));
+        assert_eq!(d(" 4d 0h 50m "), Duration::from_secs(4 * 86_400 + 50 * 60));
+        assert_eq!(d("0s"), Duration::ZERO);
+    }
+
+    #[test]
+    fn malformed_durations_say_what_to_write() {
+        assert_eq!(parse_duration(""), Err(DurationError::Empty));
+        assert_eq!(
+            parse_duration("30"),
+            Err(DurationError::MissingUnit("30".into()))
+        );
+        assert!(matches!(
+            parse_duration("3w"),
+            Err(DurationError::UnknownUnit { unit, .. }) if unit == "w"
+        ));
+        assert!(matches!(
+            parse_duration("1.5h"),
+            Err(DurationError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_duration("h"),
+            Err(DurationError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_duration("-1d"),
+            Err(DurationError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_duration("4d 30"),
+            Err(DurationError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_duration("99999999999999999999d"),
+            Err(DurationError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_duration("999999999999999999d"),
+            Err(DurationError::Overflow(_))
+        ));
+        assert_eq!(
+            DurationError::MissingUnit("30".into()).to_string(),
+            "`30` has no unit: write e.g. 30s, 30m, 30h or 30d"
+        );
+    }
+
+    #[test]
+    fn durations_format_with_inner_zeros_kept() {
+        assert_eq!(format_duration(d("7d")), "7d");
+        assert_eq!(format_duration(d("4d 50m")), "4d 0h 50m");
+        assert_eq!(format_duration(d("150m")), "2h 30m");
+        assert_eq!(format_duration(d("45s")), "45s");
+        assert_eq!(format_duration(d("1d 5s")), "1d 0h 0m 5s");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        for text in ["7d", "4d 0h 50m", "2h 30m", "1d 0h 0m 5s"] {
+            assert_eq!(format_duration(d(text)), text, "round trip");
+        }
+    }
+
+    fn sqs_defaults() -> RedeliveryHorizon {
+        RedeliveryHorizon {
+            max_receives: 5,
+            redelivery_timeout: d("10m"),
+            dead_letter_redrive_window: d("4d"),
+        }
+    }
+
+    #[test]
+    fn the_horizon_is_every_receive_timing_out_then_a_late_redrive() {
+        assert_eq!(sqs_defaults().horizon(), d("4d 50m"));
+        let endless = RedeliveryHorizon {
+            max_receives: u32::MAX,
+            redelivery_timeout: Duration::MAX,
+            dead_letter_redrive_window: Duration::MAX,
+        };
+        assert_eq!(endless.horizon(), Duration::MAX, "saturates, never panics");
+    }
+
+    #[test]
+    fn a_window_past_the_horizon_is_safe_with_its_margin() {
+        let verdict = check(d("7d"), &sqs_defaults());
+        assert!(verdict.is_safe());
+        assert_eq!(
+            verdict,
+            RetentionVerdict::Safe {
+                window: d("7d"),
+                horizon: sqs_defaults(),
+                margin: d("2d 23h 10m"),
+            }
+        );
+        assert_eq!(
+            verdict.to_string(),
+            "safe: window 7d outlasts the redelivery horizon 4d 0h 50m \
+             (5 receives × 10m + redrive window 4d) by 2d 23h 10m"
+        );
+    }
+
+    #[test]
+    fn a_window_equal_to_the_horizon_is_safe_but_says_there_is_no_margin() {
+        let verdict = check(d("4d 50m"), &sqs_defaults());
+        assert!(verdict.is_safe());
+        assert!(verdict.to_string().starts_with("safe, with no margin"));
+    }
+
+    #[test]
+    fn a_window_short_of_the_horizon_is_unsafe_and_says_how_far_to_raise_it() {
+        let verdict = check(d("3d"), &sqs_defaults());
+        assert!(!verdict.is_safe());
+        assert_eq!(
+            verdict,
+            RetentionVerdict::Unsafe {
+                window: d("3d"),
+                horizon: sqs_defaults(),
+                shortfall: d("1d 50m"),
+            }
+        );
+        assert_eq!(
+            verdict.to_string(),
+            "UNSAFE: window 3d is 1d 0h 50m shorter than the redelivery horizon 4d 0h 50m \
+             (5 receives × 10m + redrive window 4d); a message redelivered after 3d finds \
+             no dedup row and would be charged again; raise the window to at least 4d 0h 50m"
+        );
+    }
+}
