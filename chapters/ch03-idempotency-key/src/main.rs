@@ -128,6 +128,7 @@ async fn idempotency_key(lab: Lab) -> anyhow::Result<ChapterReport> {
         ),
     ];
     let traces = |run: &chaos_lab::RunReport| run.traces.values().flatten().cloned().collect();
+    let retry_metrics = hardened_lost.metric_lines(&["charges_total", "requeued_total"]);
     let in_flight_trace = traces(&in_flight);
     let reused_trace = traces(&reused);
     Ok(lab
@@ -141,6 +142,10 @@ async fn idempotency_key(lab: Lab) -> anyhow::Result<ChapterReport> {
                 reused,
             ],
             claims,
+        )
+        .with_section(
+            "The hardened consumers' /metrics after the lost-response run",
+            retry_metrics,
         )
         .with_section("409: the retry that arrived too early", in_flight_trace)
         .with_section("422: the same key with another amount", reused_trace))
