@@ -153,6 +153,7 @@ async fn the_same_seed_replays_the_same_counts() {
         publish_dropped: 0.1,
         producer_crash_after_commit: 0.1,
         published_twice: 0.0,
+        relay_crash_after_publish: 0.0,
     };
     let (_, first) = run(Variant::Naive, mix, 99).await;
     let (_, again) = run(Variant::Naive, mix, 99).await;

@@ -26,6 +26,9 @@ pub enum ProducerFault {
     /// Published, then published again with the same event id and another
     /// amount: a producer bug that only the PSP's 422 can catch.
     RepublishedAltered,
+    /// With an outbox: the relay is SIGKILLed after the broker confirmed the
+    /// order's event and before the row was marked sent.
+    RelayCrashAfterPublish,
 }
 
 impl ProducerFault {
@@ -35,6 +38,7 @@ impl ProducerFault {
             ProducerFault::CrashAfterCommit => "crash_after_commit",
             ProducerFault::PublishedTwice => "published_twice",
             ProducerFault::RepublishedAltered => "republished_altered",
+            ProducerFault::RelayCrashAfterPublish => "relay_crash_after_publish",
         }
     }
 }
@@ -65,6 +69,7 @@ pub struct FaultMix {
     pub publish_dropped: f64,
     pub producer_crash_after_commit: f64,
     pub published_twice: f64,
+    pub relay_crash_after_publish: f64,
 }
 
 impl FaultMix {
@@ -76,6 +81,19 @@ impl FaultMix {
         publish_dropped: 0.05,
         producer_crash_after_commit: 0.03,
         published_twice: 0.0,
+        relay_crash_after_publish: 0.0,
+    };
+
+    /// The producer's legs: publishes dropped, the producer killed between
+    /// commit and publish, a relay killed between publish and mark.
+    pub const PRODUCER_LEGS: FaultMix = FaultMix {
+        before_charge: 0.0,
+        after_charge_before_commit: 0.0,
+        after_commit_before_ack: 0.0,
+        publish_dropped: 0.05,
+        producer_crash_after_commit: 0.03,
+        published_twice: 0.0,
+        relay_crash_after_publish: 0.05,
     };
 
     /// The consumer's legs of [`FaultMix::EVERY_LEG`] alone: the same crash
@@ -95,6 +113,7 @@ impl FaultMix {
         publish_dropped: 0.0,
         producer_crash_after_commit: 0.0,
         published_twice: 0.0,
+        relay_crash_after_publish: 0.0,
     };
 }
 
@@ -161,6 +180,10 @@ impl ChaosPlan {
             (
                 mix.published_twice,
                 Fault::Producer(ProducerFault::PublishedTwice),
+            ),
+            (
+                mix.relay_crash_after_publish,
+                Fault::Producer(ProducerFault::RelayCrashAfterPublish),
             ),
         ];
         for (rate, fault) in planned {

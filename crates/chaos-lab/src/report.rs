@@ -12,6 +12,7 @@ use crate::audit::Audit;
 pub struct RunReport {
     pub scenario: String,
     pub variant: String,
+    pub producer: String,
     pub backend: String,
     pub messages: usize,
     pub seed: u64,
@@ -32,6 +33,12 @@ pub struct RunReport {
     pub kills: u64,
     pub consumer_kills: u64,
     pub producer_kills: u64,
+    pub relay_kills: u64,
+    /// Publishes on a relay's second or later claim of a row: retries after
+    /// a failed publish, and republishes after a relay died before marking
+    /// (those reach the consumer twice).
+    pub republished: u64,
+    pub relay_metrics: Vec<ConsumerScrape>,
     pub audit: Audit,
     /// Double charges by the fault planned on the charged order's
     /// (`after_charge_before_commit`, `published_twice`, `none`, ...).
@@ -144,13 +151,14 @@ impl ChapterReport {
             "Backend `{}`, seed {}. Double charges, lost events and ledger rows are counted from the PSP's ledger; the other columns are the consumers' own counts.\n\n",
             self.backend, self.seed
         );
-        out.push_str("| scenario | variant | messages | double_charges | lost_events | ledger rows | deliveries | redeliveries | dedup_hits | dedup_hit_rate | requeued | dead_lettered | kills (consumer + producer) |\n");
-        out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        out.push_str("| scenario | producer | consumer | messages | double_charges | lost_events | ledger rows | deliveries | redeliveries | dedup_hits | dedup_hit_rate | requeued | dead_lettered | kills (consumer + producer + relay) |\n");
+        out.push_str("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         for run in &self.runs {
             out.push_str(&format!(
-                "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} ({} + {}) |\n",
+                "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} ({} + {} + {}) |\n",
                 run.scenario,
                 if run.drained { "" } else { " (deadline hit before drain)" },
+                run.producer,
                 run.variant,
                 run.messages,
                 run.double_charges,
@@ -165,6 +173,7 @@ impl ChapterReport {
                 run.kills,
                 run.consumer_kills,
                 run.producer_kills,
+                run.relay_kills,
             ));
         }
         let breakdown: Vec<String> = self
@@ -216,6 +225,7 @@ mod tests {
         RunReport {
             scenario: "chaos schedule".into(),
             variant: "naive".into(),
+            producer: "naive".into(),
             backend: "rabbitmq".into(),
             messages: 10,
             seed: 3,
@@ -231,6 +241,9 @@ mod tests {
             kills: 3,
             consumer_kills: 2,
             producer_kills: 1,
+            relay_kills: 0,
+            republished: 0,
+            relay_metrics: Vec::new(),
             audit: Audit {
                 orders_committed: 10,
                 charges_executed: 11,
@@ -254,7 +267,7 @@ mod tests {
         let report = ChapterReport::new("ch01", vec![run(2)], vec![Claim::new("x", true)]);
         let md = report.to_markdown();
         assert!(md.contains(
-            "| chaos schedule | naive | 10 | 2 | 1 | 11 | 12 | 2 | 0 | 0.000 | 0 | 0 | 3 (2 + 1) |"
+            "| chaos schedule | naive | naive | 10 | 2 | 1 | 11 | 12 | 2 | 0 | 0.000 | 0 | 0 | 3 (2 + 1 + 0) |"
         ));
         assert!(!md.contains("1234"));
         assert!(md.contains("- x: **holds**"));

@@ -26,6 +26,32 @@ use uuid::Uuid;
 use crate::plan::{ChaosPlan, ProducerFault};
 
 pub const ROLE_ENV: &str = "EO_LAB_ROLE";
+
+/// How the shop tells the payment consumer about an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProducerKind {
+    /// Commit, then publish: the dual write.
+    Naive,
+    /// Order and outbox row in one transaction; relay processes publish.
+    Outbox {
+        relays: usize,
+        relay: relay::RelayConfig,
+    },
+}
+
+impl ProducerKind {
+    pub fn name(self) -> String {
+        match self {
+            ProducerKind::Naive => "naive (commit, then publish)".to_owned(),
+            ProducerKind::Outbox { relays, relay } => format!(
+                "outbox + {relays} relay{} ({})",
+                if relays == 1 { "" } else { "s" },
+                relay.wake.name()
+            ),
+        }
+    }
+}
 pub const CONFIG_ENV: &str = "EO_LAB_CONFIG";
 
 /// Everything a child process needs, written to a file by the lab.
@@ -33,6 +59,7 @@ pub const CONFIG_ENV: &str = "EO_LAB_CONFIG";
 pub struct RunConfig {
     pub run_id: String,
     pub variant: Variant,
+    pub producer: ProducerKind,
     pub plan: ChaosPlan,
     pub shop_database_url: String,
     pub psp_base_url: String,
@@ -49,6 +76,7 @@ pub struct RunConfig {
 pub enum Role {
     Consumer,
     Producer,
+    Relay,
 }
 
 impl Role {
@@ -56,6 +84,7 @@ impl Role {
         match self {
             Role::Consumer => "consumer",
             Role::Producer => "producer",
+            Role::Relay => "relay",
         }
     }
 
@@ -64,6 +93,7 @@ impl Role {
         match std::env::var(ROLE_ENV).ok()?.as_str() {
             "consumer" => Some(Role::Consumer),
             "producer" => Some(Role::Producer),
+            "relay" => Some(Role::Relay),
             _ => None,
         }
     }
@@ -83,6 +113,7 @@ impl Role {
             match self {
                 Role::Consumer => run_consumer(config).await,
                 Role::Producer => run_producer(config).await,
+                Role::Relay => run_relay(config).await,
             }
         }
         .await;
@@ -115,16 +146,19 @@ struct PlannedCrashes {
 
 impl CrashSchedule for PlannedCrashes {
     fn should_crash(&self, point: CrashPoint, order_id: Uuid) -> bool {
-        if self.points.get(&order_id) != Some(&point) {
-            return false;
-        }
-        // create_new is atomic: of two processes racing here, one crashes.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(self.marker_dir.join(format!("crashed-{order_id}")))
-            .is_ok()
+        self.points.get(&order_id) == Some(&point)
+            && first_time(&self.marker_dir, "crashed", order_id)
     }
+}
+
+/// True the first time any process of the run asks about `what` for
+/// `order_id`: `create_new` is atomic, so of two racing processes one wins.
+fn first_time(marker_dir: &Path, what: &str, order_id: impl std::fmt::Display) -> bool {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(marker_dir.join(format!("{what}-{order_id}")))
+        .is_ok()
 }
 
 async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
@@ -178,22 +212,28 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Publishes as the plan says: planned drops report success without sending
-/// anything (the message is lost between producer and broker); planned
-/// duplicates are sent twice, as by a producer that retried a publish whose
-/// confirm it never saw.
+/// Publishes as the plan says. A planned drop loses the message on its way
+/// to the broker, once per run: the broker never confirms it, so the publish
+/// fails (the naive producer logs that and moves on; a relay retries). A
+/// planned duplicate is sent twice, as by a producer that retried a publish
+/// whose confirm it never saw.
 struct ChaosPublisher<P> {
     inner: P,
     dropped: HashSet<String>,
     duplicated: HashSet<String>,
     altered: HashSet<String>,
+    marker_dir: PathBuf,
 }
 
 #[async_trait::async_trait]
 impl<P: Publisher> Publisher for ChaosPublisher<P> {
     async fn publish(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
-        if self.dropped.contains(&message.key) {
-            return Ok(());
+        if self.dropped.contains(&message.key)
+            && first_time(&self.marker_dir, "dropped", &message.key)
+        {
+            return Err(QueueError::NotConfirmed(
+                "dropped on the way to the broker (chaos schedule)".into(),
+            ));
         }
         if self.duplicated.contains(&message.key) {
             self.inner.publish(message).await?;
@@ -226,30 +266,39 @@ impl ProducerFaults for PlannedProducerCrashes {
     }
 }
 
+fn orders_with(config: &RunConfig, fault: ProducerFault) -> impl Iterator<Item = Uuid> + '_ {
+    config
+        .plan
+        .orders
+        .iter()
+        .filter(move |o| o.producer_fault == Some(fault))
+        .map(|o| o.order_id)
+}
+
+async fn chaos_publisher(
+    config: &RunConfig,
+    broker: &RabbitBroker,
+) -> anyhow::Result<ChaosPublisher<queue::rabbitmq::RabbitPublisher>> {
+    let keys = |fault| {
+        orders_with(config, fault)
+            .map(|id| id.to_string())
+            .collect()
+    };
+    Ok(ChaosPublisher {
+        inner: broker.publisher(&Topology::durable(&config.queue)).await?,
+        dropped: keys(ProducerFault::PublishDropped),
+        duplicated: keys(ProducerFault::PublishedTwice),
+        altered: keys(ProducerFault::RepublishedAltered),
+        marker_dir: config.work_dir.clone(),
+    })
+}
+
 async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
     let pool = databases::connect(&config.shop_database_url, 2).await?;
     let broker = RabbitBroker::connect(&config.amqp_url).await?;
-    let orders_with = |fault: ProducerFault| {
-        config
-            .plan
-            .orders
-            .iter()
-            .filter(move |o| o.producer_fault == Some(fault))
-            .map(|o| o.order_id)
-    };
-    let publisher = ChaosPublisher {
-        inner: broker.publisher(&Topology::durable(&config.queue)).await?,
-        dropped: orders_with(ProducerFault::PublishDropped)
-            .map(|id| id.to_string())
-            .collect(),
-        duplicated: orders_with(ProducerFault::PublishedTwice)
-            .map(|id| id.to_string())
-            .collect(),
-        altered: orders_with(ProducerFault::RepublishedAltered)
-            .map(|id| id.to_string())
-            .collect(),
-    };
-    let crashes = PlannedProducerCrashes(orders_with(ProducerFault::CrashAfterCommit).collect());
+    let publisher = chaos_publisher(&config, &broker).await?;
+    let crashes =
+        PlannedProducerCrashes(orders_with(&config, ProducerFault::CrashAfterCommit).collect());
 
     // A restarted producer carries on after the last order it committed,
     // like a web shop that keeps taking orders after a restart. An order
@@ -269,9 +318,89 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
             amount_cents: planned.amount_cents,
             currency: planned.currency.clone(),
         };
-        naive_producer::place_order(&pool, &publisher, &crashes, &order)
-            .await
-            .with_context(|| format!("placing order {}", order.order_id))?;
+        match config.producer {
+            ProducerKind::Naive => {
+                naive_producer::place_order(&pool, &publisher, &crashes, &order)
+                    .await
+                    .with_context(|| format!("placing order {}", order.order_id))?;
+            }
+            ProducerKind::Outbox { .. } => {
+                shop::outbox_producer::place_order(&pool, &crashes, &order)
+                    .await
+                    .with_context(|| format!("placing order {}", order.order_id))?;
+            }
+        }
     }
+    Ok(())
+}
+
+/// SIGKILLs a relay after it published a planned order's event, before the
+/// row is marked sent: once per run.
+struct PlannedRelayCrashes {
+    orders: HashSet<Uuid>,
+    marker_dir: PathBuf,
+}
+
+impl relay::RelayFaults for PlannedRelayCrashes {
+    fn after_publish(&self, published: &[relay::outbox::OutboxRow]) {
+        let planned = published.iter().any(|row| {
+            self.orders.contains(&row.aggregate_id)
+                && first_time(&self.marker_dir, "relay-crashed", row.aggregate_id)
+        });
+        if planned {
+            consumer::crash::kill_this_process();
+        }
+    }
+}
+
+struct StdoutRelayObserver;
+
+impl relay::RelayObserver for StdoutRelayObserver {
+    fn observe(&self, observation: &relay::RelayObservation) {
+        use std::io::Write;
+        let line = serde_json::to_string(observation).expect("observations serialise");
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+async fn run_relay(config: RunConfig) -> anyhow::Result<()> {
+    let ProducerKind::Outbox {
+        relay: relay_config,
+        ..
+    } = config.producer
+    else {
+        anyhow::bail!("a relay process needs an outbox producer in the run config");
+    };
+    let pool = databases::connect(&config.shop_database_url, 3).await?;
+    let broker = RabbitBroker::connect(&config.amqp_url).await?;
+    let publisher = chaos_publisher(&config, &broker).await?;
+    let metrics = relay::metrics::install_recorder()?;
+    let served = relay::metrics::serve(metrics, pool.clone(), "127.0.0.1:0").await?;
+    let observer = StdoutRelayObserver;
+    relay::RelayObserver::observe(
+        &observer,
+        &relay::RelayObservation::RelayMetricsServed {
+            addr: served.to_string(),
+        },
+    );
+    let relay = relay::Relay {
+        pool,
+        publisher: Arc::new(publisher),
+        config: relay_config,
+        faults: Arc::new(PlannedRelayCrashes {
+            orders: orders_with(&config, ProducerFault::RelayCrashAfterPublish).collect(),
+            marker_dir: config.work_dir.clone(),
+        }),
+        observer: Arc::new(observer),
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    relay
+        .run(async move {
+            terminate.recv().await;
+        })
+        .await
+        .context("relay loop")?;
     Ok(())
 }

@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 use crate::audit::Audit;
 use crate::plan::ChaosPlan;
 use crate::report::{ConsumerScrape, RunReport};
-use crate::roles::{Role, RunConfig};
+use crate::roles::{ProducerKind, Role, RunConfig};
+use crate::supervisor::Report;
 use crate::supervisor::{ExitKind, LabEvent, ProcessId, Supervisor};
 
 /// How one run is set up.
@@ -27,6 +28,7 @@ pub struct RunSpec {
     /// What this run shows, in a few words (the table's first column).
     pub scenario: String,
     pub variant: Variant,
+    pub producer: ProducerKind,
     pub plan: ChaosPlan,
     pub consumers: usize,
     /// Unacked messages per consumer: all of them come back when it dies.
@@ -54,6 +56,7 @@ impl RunSpec {
         Self {
             scenario: "chaos schedule".to_owned(),
             variant,
+            producer: ProducerKind::Naive,
             plan,
             consumers,
             prefetch: 1,
@@ -79,12 +82,15 @@ struct Tally {
     settled_orders: std::collections::HashSet<uuid::Uuid>,
     consumer_kills: u64,
     producer_kills: u64,
+    relay_kills: u64,
+    republished: u64,
     /// Deliveries received but not yet settled, per process.
     in_hand: HashMap<ProcessId, u64>,
     producer_done: bool,
     last_event: Option<Instant>,
     /// Where each live consumer serves `/metrics`.
     metrics_addrs: HashMap<ProcessId, String>,
+    relay_metrics_addrs: HashMap<ProcessId, String>,
     /// The order each consumer process is handling, for the traces.
     holding: HashMap<ProcessId, uuid::Uuid>,
     traced: std::collections::HashSet<uuid::Uuid>,
@@ -100,7 +106,38 @@ impl Tally {
         match event {
             LabEvent::Observed {
                 process,
-                observation,
+                observation: Report::Relay(observation),
+            } => match observation {
+                relay::RelayObservation::RelayPublishing { order_id, attempt } => {
+                    self.republished += u64::from(*attempt > 1);
+                    self.trace(
+                        *order_id,
+                        format!("relay {} publishes it (attempt {attempt})", process.slot),
+                    );
+                }
+                relay::RelayObservation::RelayPublishFailed {
+                    order_id,
+                    reason,
+                    attempts,
+                    still_pending,
+                } => {
+                    let row = if *still_pending {
+                        "still pending"
+                    } else {
+                        "not pending"
+                    };
+                    self.trace(*order_id, format!(
+                        "relay {}: publish failed ({reason}); the outbox row is {row} (attempts {attempts})",
+                        process.slot
+                    ));
+                }
+                relay::RelayObservation::RelayMetricsServed { addr } => {
+                    self.relay_metrics_addrs.insert(*process, addr.clone());
+                }
+            },
+            LabEvent::Observed {
+                process,
+                observation: Report::Consumer(observation),
             } => match observation {
                 Observation::Received {
                     redelivered,
@@ -168,6 +205,7 @@ impl Tally {
             } => {
                 self.in_hand.remove(process);
                 self.metrics_addrs.remove(process);
+                self.relay_metrics_addrs.remove(process);
                 let killed = *exit == ExitKind::Killed { signal: 9 };
                 if let Some(order_id) = self.holding.remove(process) {
                     if killed && !stopping {
@@ -184,6 +222,10 @@ impl Tally {
                     Role::Consumer if killed && !stopping => self.consumer_kills += 1,
                     Role::Producer if killed => self.producer_kills += 1,
                     Role::Producer if *exit == ExitKind::Code(0) => self.producer_done = true,
+                    Role::Relay if killed && !stopping => {
+                        self.relay_kills += 1;
+                        self.trace_all_in_flight(format!("relay {} dies (signal 9)", process.slot));
+                    }
                     _ => {}
                 }
             }
@@ -195,6 +237,16 @@ impl Tally {
             }
         }
         Ok(())
+    }
+
+    /// A relay holds no single order; its death goes into every trace.
+    fn trace_all_in_flight(&mut self, line: String) {
+        let traced: Vec<uuid::Uuid> = self.traced.iter().copied().collect();
+        for order_id in traced {
+            if self.traces.contains_key(&order_id.to_string()) {
+                self.trace(order_id, line.clone());
+            }
+        }
     }
 
     fn trace(&mut self, order_id: uuid::Uuid, line: String) {
@@ -299,6 +351,7 @@ async fn run_in(
     let config = RunConfig {
         run_id: shop.name.clone(),
         variant: spec.variant,
+        producer: spec.producer,
         plan: spec.plan.clone(),
         shop_database_url: shop.url.clone(),
         psp_base_url: psp.base_url(),
@@ -337,6 +390,11 @@ async fn run_in(
     for slot in 0..spec.consumers {
         supervisor.start(Role::Consumer, slot);
     }
+    if let ProducerKind::Outbox { relays, .. } = spec.producer {
+        for slot in 0..relays {
+            supervisor.start(Role::Relay, slot);
+        }
+    }
     if !spec.prefill {
         supervisor.start(Role::Producer, 0);
     }
@@ -360,6 +418,7 @@ async fn run_in(
                 let quiet = tally.last_event.is_none_or(|t| t.elapsed() >= spec.quiet_period);
                 if tally.producer_done && tally.idle() && quiet
                     && inspector.ready_count().await.unwrap_or(1) == 0
+                    && outbox_drained(spec.producer, &shop.pool).await
                 {
                     break Ok(true);
                 }
@@ -367,6 +426,7 @@ async fn run_in(
         }
     };
     let consumer_metrics = scrape_all(&tally.metrics_addrs).await;
+    let relay_metrics = scrape_all(&tally.relay_metrics_addrs).await;
     supervisor.stop().await;
     while let Ok(event) = events.try_recv() {
         let _ = tally.record(&event);
@@ -392,6 +452,7 @@ async fn run_in(
     Ok(RunReport {
         scenario: spec.scenario.clone(),
         variant: spec.variant.name().to_owned(),
+        producer: spec.producer.name(),
         backend: backend.to_owned(),
         messages: spec.plan.orders.len(),
         seed: spec.plan.seed,
@@ -408,9 +469,12 @@ async fn run_in(
         dead_lettered: tally.dead_lettered,
         requeued: tally.requeued.values().sum(),
         requeued_by_cause: tally.requeued.clone(),
-        kills: tally.consumer_kills + tally.producer_kills,
+        kills: tally.consumer_kills + tally.producer_kills + tally.relay_kills,
         consumer_kills: tally.consumer_kills,
         producer_kills: tally.producer_kills,
+        relay_kills: tally.relay_kills,
+        republished: tally.republished,
+        relay_metrics,
         audit,
         double_charges_by_fault,
         consumer_metrics,
@@ -426,7 +490,17 @@ async fn run_in(
     })
 }
 
-/// What every live consumer serves on `/metrics`, by consumer slot.
+/// With an outbox, a run is drained only when no row is pending.
+async fn outbox_drained(producer: ProducerKind, shop: &sqlx::PgPool) -> bool {
+    match producer {
+        ProducerKind::Naive => true,
+        ProducerKind::Outbox { .. } => shop::outbox_producer::pending_count(shop)
+            .await
+            .is_ok_and(|pending| pending == 0),
+    }
+}
+
+/// What every live consumer (or relay) serves on `/metrics`, by slot.
 async fn scrape_all(addrs: &HashMap<ProcessId, String>) -> Vec<ConsumerScrape> {
     let client = reqwest::Client::new();
     let mut addrs: Vec<(&ProcessId, &String)> = addrs.iter().collect();

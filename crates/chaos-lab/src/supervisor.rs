@@ -36,11 +36,19 @@ pub enum ExitKind {
     Code(i32),
 }
 
+/// One line a child process printed: a consumer's or a relay's report.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Report {
+    Consumer(Observation),
+    Relay(relay::RelayObservation),
+}
+
 #[derive(Debug, Clone)]
 pub enum LabEvent {
     Observed {
         process: ProcessId,
-        observation: Observation,
+        observation: Report,
     },
     Exited {
         process: ProcessId,
@@ -184,7 +192,7 @@ impl Keeper {
         let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(observation) = serde_json::from_str::<Observation>(&line) {
+                if let Ok(observation) = serde_json::from_str::<Report>(&line) {
                     let _ = events.send(LabEvent::Observed {
                         process,
                         observation,

@@ -6,6 +6,8 @@
 //!   what was promised to customers.
 //! - [`naive_producer`]: the broken version, a dual write (commit the order,
 //!   then publish). Chapter 1 shows it losing events.
+//! - [`outbox_producer`]: the fix, the order and its event in one
+//!   transaction; the `relay` crate publishes the event. Chapter 4.
 
 use chrono::{DateTime, Utc};
 use payments::PaymentEvent;
@@ -13,6 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub mod naive_producer;
+pub mod outbox_producer;
 
 /// One order as the shop stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,62 @@
+//! THE FIX for the dual write: the transactional outbox.
+//!
+//! The order and its event are written in ONE transaction. Nothing is
+//! published here: a relay (crate `relay`) reads the pending rows and
+//! publishes them. A crash anywhere in this function either loses the whole
+//! order (nothing committed: no promise was made) or keeps both the order and
+//! its event, which the relay will publish whenever it next runs.
+
+use chrono::Utc;
+use sqlx::PgPool;
+
+use crate::naive_producer::ProducerFaults;
+use crate::{Order, ShopError};
+
+/// The channel the producer notifies on commit and the relay listens to.
+pub const OUTBOX_CHANNEL: &str = "outbox_pending";
+
+// ANCHOR: outbox_write
+/// Commits the order and its outbox row together; the relay does the rest.
+pub async fn place_order(
+    pool: &PgPool,
+    faults: &dyn ProducerFaults,
+    order: &Order,
+) -> Result<(), ShopError> {
+    let created_at = Utc::now();
+    let event = order.payment_event(created_at);
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO orders (order_id, amount_cents, currency, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(order.order_id)
+    .bind(order.amount_cents)
+    .bind(&order.currency)
+    .bind(created_at)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO outbox (event_id, aggregate_id, payload) VALUES ($1, $2, $3)")
+        .bind(event.event_id)
+        .bind(order.order_id)
+        .bind(String::from_utf8(event.encode()).expect("the wire format is UTF-8 JSON"))
+        .execute(&mut *tx)
+        .await?;
+    // Delivered to listeners only when (and if) this transaction commits.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(OUTBOX_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+
+    faults.after_commit(order); // a crash here loses nothing: the row is pending
+    Ok(())
+}
+// ANCHOR_END: outbox_write
+
+/// Outbox rows not yet marked sent.
+pub async fn pending_count(pool: &PgPool) -> Result<i64, ShopError> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(pool)
+            .await?,
+    )
+}
