@@ -8,6 +8,11 @@ export EO_PG_USER="${EO_PG_USER:-eo}"
 export EO_PG_PASSWORD="${EO_PG_PASSWORD:-eo}"
 export EO_PG_ADMIN_URL="${EO_PG_ADMIN_URL:-postgres://${EO_PG_USER}:${EO_PG_PASSWORD}@127.0.0.1:${EO_PG_PORT}/postgres}"
 export EO_AMQP_URL="${EO_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+# ElasticMQ, the SQS-compatible server (scripts/elasticmq/). The Rust side
+# reads the same variables (queue::sqs::SqsSettings::from_env).
+export EO_SQS_PORT="${EO_SQS_PORT:-9324}"
+export EO_SQS_ENDPOINT="${EO_SQS_ENDPOINT:-http://127.0.0.1:${EO_SQS_PORT}}"
+export EO_SQS_JAVA_OPTS="${EO_SQS_JAVA_OPTS:--Xms64m -Xmx512m}"
 # A fixed node name keeps the RabbitMQ CLI tools independent of the hostname.
 export RABBITMQ_NODENAME="${RABBITMQ_NODENAME:-rabbit@localhost}"
 # Builds live outside the clone so that repeated runs reuse them.
@@ -47,4 +52,19 @@ apt_install() {
     fi
     say "installing $* from Debian's packages"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# sqs_answers: true when an SQS endpoint answers at EO_SQS_ENDPOINT.
+sqs_answers() {
+    curl -fs -o /dev/null --max-time 2 "$EO_SQS_ENDPOINT/?Action=ListQueues"
+}
+
+# The ElasticMQ process that services-up started natively, if it still runs.
+elasticmq_pid() {
+    local pid_file="$EO_STATE_DIR/elasticmq/elasticmq.pid" pid
+    [ -s "$pid_file" ] || return 1
+    pid="$(cat "$pid_file")"
+    # The pid must still be our server, not a recycled pid.
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'org\.elasticmq\.server\.Main' || return 1
+    echo "$pid"
 }

@@ -17,7 +17,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProducerFault {
-    /// The publish reports success but never reaches the broker.
+    /// The publish never reaches the broker, so it is never confirmed (once
+    /// per order: a retry gets through).
     PublishDropped,
     /// SIGKILL after the order's commit, before its publish.
     CrashAfterCommit,

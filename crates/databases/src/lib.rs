@@ -98,10 +98,23 @@ pub async fn create_database(name: &str) -> Result<(), DatabaseError> {
 pub async fn drop_database(name: &str) -> Result<(), DatabaseError> {
     check_name(name)?;
     let mut admin = admin_connection().await?;
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    Ok(())
+    let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    // After a big run an autovacuum worker may still be in the database, and
+    // the book's role may not end it (42501), or the drop races it (55006):
+    // both pass once the worker finishes, so wait for it, within reason.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match sqlx::raw_sql(&statement).execute(&mut admin).await {
+            Ok(_) => return Ok(()),
+            Err(sqlx::Error::Database(error))
+                if matches!(error.code().as_deref(), Some("42501") | Some("55006"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 async fn admin_connection() -> Result<PgConnection, DatabaseError> {

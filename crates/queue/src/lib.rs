@@ -9,6 +9,7 @@
 //!   `requeue`, or `dead_letter` with a reason. `extend_lease` pushes back the
 //!   redelivery deadline where the broker has one (SQS visibility).
 //! - [`rabbitmq`]: the RabbitMQ backend (lapin).
+//! - [`sqs`]: the SQS backend (aws-sdk-sqs), against ElasticMQ locally.
 //!
 //! # Why the interface looks like this
 //!
@@ -25,6 +26,7 @@
 use std::time::Duration;
 
 pub mod rabbitmq;
+pub mod sqs;
 
 /// How the broker identifies one delivery when it is settled.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -29,6 +29,7 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub mod cleanup;
 pub mod metrics;
 pub mod outbox;
 
@@ -161,11 +162,19 @@ impl Relay {
             Wake::Poll { .. } => None,
         };
         loop {
-            // Drain: keep claiming while batches come back full.
+            // Drain: keep claiming while batches come back full. A stop
+            // ends the drain too: a relay whose publishes keep failing (or
+            // whose batches keep coming back full) still stops when asked.
             loop {
+                if futures::FutureExt::now_or_never(&mut stop).is_some() {
+                    return Ok(());
+                }
                 let round = self.relay_once().await?;
                 if round.failed > 0 {
-                    tokio::time::sleep(self.config.retry_delay).await;
+                    tokio::select! {
+                        _ = &mut stop => return Ok(()),
+                        _ = tokio::time::sleep(self.config.retry_delay) => {}
+                    }
                     continue;
                 }
                 if (round.claimed as i64) < self.config.batch_size {
@@ -238,8 +247,9 @@ impl Relay {
             metrics::query_issued();
         }
         if !failed.is_empty() {
-            let failed_ids: Vec<i64> = failed.iter().map(|(row, _)| row.id).collect();
-            outbox::release(&self.pool, &failed_ids).await?;
+            let failed_rows: Vec<OutboxRow> =
+                failed.iter().map(|(row, _)| (*row).clone()).collect();
+            outbox::release(&self.pool, &failed_rows).await?;
             metrics::query_issued();
             for (row, error) in &failed {
                 metrics::publish_failed();

@@ -74,12 +74,22 @@ pub async fn mark_sent(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
 }
 
 /// Gives rows back at once (their publish failed), rather than letting them
-/// wait for the lease to run out.
-pub async fn release(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE outbox SET leased_until = NULL WHERE id = ANY($1) AND sent_at IS NULL")
-        .bind(ids)
-        .execute(pool)
-        .await?;
+/// wait for the lease to run out. Only leases still ours are released: if a
+/// slow publish outlived its lease and another relay claimed the row since,
+/// the attempt count has moved on and that relay's lease stays.
+pub async fn release(pool: &PgPool, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
+    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    let attempts: Vec<i32> = rows.iter().map(|row| row.attempts).collect();
+    sqlx::query(
+        "UPDATE outbox SET leased_until = NULL \
+         FROM unnest($1::int8[], $2::int4[]) AS ours(id, attempts) \
+         WHERE outbox.id = ours.id AND outbox.attempts = ours.attempts \
+           AND outbox.sent_at IS NULL",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
