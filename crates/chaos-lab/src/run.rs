@@ -396,6 +396,18 @@ async fn run_in(
         }
     }
     if !spec.prefill {
+        // Every consumer subscribed before the first order: otherwise the
+        // first messages all go to whichever consumer connected first, and
+        // the same seed would not replay the same interleaving.
+        while tally.metrics_addrs.len() < spec.consumers {
+            let event = tokio::time::timeout(spec.deadline, events.recv())
+                .await
+                .context("the consumers did not start in time")?
+                .context("the supervisor stopped")?;
+            tally
+                .record(&event)
+                .map_err(|reason| anyhow::anyhow!(reason))?;
+        }
         supervisor.start(Role::Producer, 0);
     }
 
