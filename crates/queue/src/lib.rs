@@ -26,6 +26,7 @@
 use std::time::Duration;
 
 pub mod rabbitmq;
+pub mod redrive;
 pub mod sqs;
 
 /// How the broker identifies one delivery when it is settled.

@@ -318,10 +318,8 @@ async fn batches_are_received_ten_at_a_time_and_deleted_in_batches() {
         "at most 10 per receive: {}",
         held.len()
     );
-    // ElasticMQ hands them out in send order (SQS standard queues only try).
-    let first_ids: Vec<_> = held.iter().filter_map(|d| d.message_id.clone()).collect();
-    let expected: Vec<_> = (0..held.len()).map(|i| format!("m-5-{i}")).collect();
-    assert_eq!(first_ids, expected);
+    // No order is asserted: a standard queue only tries to keep one, and
+    // ElasticMQ under a loaded machine does not always either.
     while held.len() < 15 {
         let more = receiver.receive(100, ARRIVES).await.unwrap();
         assert!(!more.is_empty(), "only {} of 15 arrived", held.len());
