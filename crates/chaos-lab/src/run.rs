@@ -377,15 +377,9 @@ async fn run_in(
     };
     if spec.prefill {
         supervisor.start(Role::Producer, 0);
-        while !tally.producer_done {
-            let event = tokio::time::timeout(spec.deadline, events.recv())
-                .await
-                .context("the producer did not finish filling the queue in time")?
-                .context("the supervisor stopped")?;
-            tally
-                .record(&event)
-                .map_err(|reason| anyhow::anyhow!(reason))?;
-        }
+        record_until(&mut tally, &mut events, spec.deadline, |t| t.producer_done)
+            .await
+            .context("the producer did not finish filling the queue in time")?;
     }
     for slot in 0..spec.consumers {
         supervisor.start(Role::Consumer, slot);
@@ -399,15 +393,11 @@ async fn run_in(
         // Every consumer subscribed before the first order: otherwise the
         // first messages all go to whichever consumer connected first, and
         // the same seed would not replay the same interleaving.
-        while tally.metrics_addrs.len() < spec.consumers {
-            let event = tokio::time::timeout(spec.deadline, events.recv())
-                .await
-                .context("the consumers did not start in time")?
-                .context("the supervisor stopped")?;
-            tally
-                .record(&event)
-                .map_err(|reason| anyhow::anyhow!(reason))?;
-        }
+        record_until(&mut tally, &mut events, spec.deadline, |t| {
+            t.metrics_addrs.len() >= spec.consumers
+        })
+        .await
+        .context("the consumers did not start in time")?;
         supervisor.start(Role::Producer, 0);
     }
 
@@ -500,6 +490,26 @@ async fn run_in(
         drained,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Records events until `done` holds, for at most `limit`.
+async fn record_until(
+    tally: &mut Tally,
+    events: &mut mpsc::UnboundedReceiver<LabEvent>,
+    limit: Duration,
+    done: impl Fn(&Tally) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !done(tally) {
+        let event = tokio::time::timeout_at(deadline.into(), events.recv())
+            .await
+            .context("timed out")?
+            .context("the supervisor stopped")?;
+        tally
+            .record(&event)
+            .map_err(|reason| anyhow::anyhow!(reason))?;
+    }
+    Ok(())
 }
 
 /// With an outbox, a run is drained only when no row is pending.
