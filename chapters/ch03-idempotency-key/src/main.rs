@@ -82,6 +82,13 @@ async fn idempotency_key(lab: Lab) -> anyhow::Result<ChapterReport> {
     poisoned.orders[0].producer_fault = Some(ProducerFault::RepublishedAltered);
     let mut spec = lab.spec(Variant::Hardened, &poisoned);
     spec.scenario = "same key, other amount".into();
+    // A slow PSP keeps the first attempt's dedup row locked until the altered
+    // copy is waiting on it, so the copy reaches the PSP before the original
+    // is redelivered, every run.
+    spec.psp_faults = FaultConfig {
+        latency: Duration::from_millis(300),
+        ..FaultConfig::default()
+    };
     spec.trace_orders = vec![poisoned.orders[0].order_id];
     let reused = lab.run(spec).await?;
 

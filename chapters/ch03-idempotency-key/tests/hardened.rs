@@ -149,6 +149,11 @@ async fn a_422_is_dead_lettered_and_never_charged_twice() {
     plan.orders[0].producer_fault = Some(ProducerFault::RepublishedAltered);
     let mut spec = RunSpec::new(Variant::Hardened, plan.clone(), 2);
     spec.trace_orders = vec![plan.orders[0].order_id];
+    // Keeps the first attempt's row lock held until the altered copy waits on it.
+    spec.psp_faults = FaultConfig {
+        latency: Duration::from_millis(300),
+        ..FaultConfig::default()
+    };
     let report = run(spec).await;
     assert_eq!(report.dead_lettered, 1);
     assert_eq!(report.audit.charges_executed, 1);
