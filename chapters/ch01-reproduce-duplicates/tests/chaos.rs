@@ -8,6 +8,7 @@ use std::process::Command;
 use chaos_lab::plan::{ChaosPlan, FaultMix};
 use chaos_lab::run::{execute, RunSpec};
 use chaos_lab::RunReport;
+use chaos_lab::BackendKind;
 use consumer::Variant;
 
 const MESSAGES: usize = 12;
@@ -29,7 +30,7 @@ async fn run(variant: Variant, mix: FaultMix, seed: u64) -> (ChaosPlan, RunRepor
     let plan = ChaosPlan::generate(seed, MESSAGES, mix);
     let mut spec = RunSpec::new(variant, plan.clone(), 2);
     spec.executable = Some(chapter_binary());
-    let report = execute(&spec, "rabbitmq").await.expect("the run completes");
+    let report = execute(&spec, BackendKind::Rabbitmq).await.expect("the run completes");
     assert!(report.drained, "the run drained before its deadline");
     (plan, report)
 }

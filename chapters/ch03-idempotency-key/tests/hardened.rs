@@ -9,6 +9,7 @@ use std::time::Duration;
 use chaos_lab::plan::{ChaosPlan, FaultMix, ProducerFault};
 use chaos_lab::run::{execute, RunSpec};
 use chaos_lab::RunReport;
+use chaos_lab::BackendKind;
 use consumer::crash::CrashPoint;
 use consumer::Variant;
 use psp::FaultConfig;
@@ -21,7 +22,7 @@ fn chapter_binary() -> PathBuf {
 
 async fn run(mut spec: RunSpec) -> RunReport {
     spec.executable = Some(chapter_binary());
-    let report = execute(&spec, "rabbitmq").await.expect("the run completes");
+    let report = execute(&spec, BackendKind::Rabbitmq).await.expect("the run completes");
     assert!(report.drained, "the run drained before its deadline");
     report
 }

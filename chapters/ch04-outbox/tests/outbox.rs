@@ -9,6 +9,7 @@ use chaos_lab::plan::{ChaosPlan, FaultMix};
 use chaos_lab::roles::ProducerKind;
 use chaos_lab::run::{execute, RunSpec};
 use chaos_lab::RunReport;
+use chaos_lab::BackendKind;
 use consumer::Variant;
 use relay::RelayConfig;
 
@@ -18,7 +19,7 @@ async fn run(plan: ChaosPlan, producer: ProducerKind) -> RunReport {
     let mut spec = RunSpec::new(Variant::Hardened, plan, 2);
     spec.producer = producer;
     spec.executable = Some(PathBuf::from(env!("CARGO_BIN_EXE_ch04-outbox")));
-    let report = execute(&spec, "rabbitmq").await.expect("the run completes");
+    let report = execute(&spec, BackendKind::Rabbitmq).await.expect("the run completes");
     assert!(report.drained, "the run drained before its deadline");
     report
 }

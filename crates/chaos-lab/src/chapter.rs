@@ -18,6 +18,15 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The queue backend, for the brokers this build runs.
+    pub fn kind(self) -> Option<queue::backend::BackendKind> {
+        match self {
+            Backend::Rabbitmq => Some(queue::backend::BackendKind::Rabbitmq),
+            Backend::Sqs => Some(queue::backend::BackendKind::Sqs),
+            Backend::Kafka => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Backend::Rabbitmq => "rabbitmq",
@@ -56,7 +65,7 @@ pub struct Chapter {
 /// What a chapter's body gets: its settings, and a way to run variants.
 pub struct Lab {
     pub chapter: &'static Chapter,
-    pub backend: Backend,
+    pub backend: queue::backend::BackendKind,
     pub messages: usize,
     pub seed: u64,
     pub consumers: usize,
@@ -75,7 +84,7 @@ impl Lab {
 
     pub async fn run(&self, spec: RunSpec) -> anyhow::Result<RunReport> {
         eprintln!("running {} ({}) ...", spec.variant.name(), spec.scenario);
-        run::execute(&spec, self.backend.name()).await
+        run::execute(&spec, self.backend).await
     }
 
     pub fn report(&self, runs: Vec<RunReport>, claims: Vec<Claim>) -> ChapterReport {
@@ -92,13 +101,13 @@ where
     Fut: Future<Output = anyhow::Result<ChapterReport>>,
 {
     let args = ChapterArgs::parse();
-    if args.backend != Backend::Rabbitmq {
+    let Some(backend) = args.backend.kind() else {
         eprintln!(
-            "error: the {} backend is not in this build yet; use --backend rabbitmq",
+            "error: the {} backend is not in this build yet; use --backend rabbitmq or --backend sqs",
             args.backend.name()
         );
         return ExitCode::from(2);
-    }
+    };
     if args.consumers == 0 {
         eprintln!("error: --consumers must be at least 1");
         return ExitCode::from(2);
@@ -114,7 +123,7 @@ where
     );
     let lab = Lab {
         chapter,
-        backend: args.backend,
+        backend,
         messages,
         seed,
         consumers: args.consumers,

@@ -27,4 +27,5 @@ pub mod supervisor;
 pub use chapter::{Chapter, Lab};
 pub use plan::{ChaosPlan, FaultMix};
 pub use report::{ChapterReport, Claim, RunReport};
+pub use queue::backend::BackendKind;
 pub use roles::Role;

@@ -122,6 +122,56 @@ impl FaultMix {
 pub struct ChaosPlan {
     pub seed: u64,
     pub orders: Vec<PlannedOrder>,
+    /// Messages no consumer can ever process, published besides the orders.
+    #[serde(default)]
+    pub poison: Vec<Poison>,
+}
+
+/// A message that must end in the dead-letter queue, with the consumers
+/// carrying on around it. Neither is an order the shop committed, so the
+/// audit's expected charges do not include them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "poison", rename_all = "snake_case")]
+pub enum Poison {
+    /// A body that is not a payment event.
+    Malformed { body: String },
+    /// A well-formed payment event whose handling SIGKILLs the consumer
+    /// every time, before the charge: a stand-in for an input that crashes
+    /// a library or exhausts memory. Only `maxReceiveCount` stops it.
+    KillsEveryConsumer { order_id: Uuid },
+}
+
+impl Poison {
+    /// The message as published; `index` keeps message ids apart.
+    pub fn message(&self, index: usize) -> queue::OutgoingMessage {
+        match self {
+            Poison::Malformed { body } => queue::OutgoingMessage {
+                key: format!("poison-{index}"),
+                message_id: format!("poison-{index}-malformed"),
+                payload: body.clone().into_bytes(),
+            },
+            Poison::KillsEveryConsumer { order_id } => {
+                let event = shop::Order {
+                    order_id: *order_id,
+                    amount_cents: 4_200,
+                    currency: "EUR".to_owned(),
+                }
+                .payment_event(chrono::Utc::now());
+                queue::OutgoingMessage {
+                    key: order_id.to_string(),
+                    message_id: event.event_id.to_string(),
+                    payload: event.encode(),
+                }
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Poison::Malformed { .. } => "malformed payload",
+            Poison::KillsEveryConsumer { .. } => "kills every consumer",
+        }
+    }
 }
 
 /// Amounts vary so that a charge of the wrong order would show in the ledger.
@@ -195,7 +245,11 @@ impl ChaosPlan {
                 }
             }
         }
-        Self { seed, orders }
+        Self {
+            seed,
+            orders,
+            poison: Vec::new(),
+        }
     }
 
     pub fn count_crashes(&self, point: CrashPoint) -> usize {

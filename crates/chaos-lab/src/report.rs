@@ -45,6 +45,21 @@ pub struct RunReport {
     pub double_charges_by_fault: std::collections::BTreeMap<String, u64>,
     /// What each consumer still alive at the end served on `/metrics`.
     pub consumer_metrics: Vec<ConsumerScrape>,
+    /// SQS only: the queue's visibility timeout and `maxReceiveCount`.
+    pub visibility_timeout_ms: Option<u64>,
+    pub max_receive_count: Option<u32>,
+    /// Whether the consumers kept a visibility heartbeat.
+    pub heartbeat: bool,
+    /// Acks (or requeues, dead letters) refused because the lease had run
+    /// out and the message was already with another consumer.
+    pub settled_late: u64,
+    /// Heartbeat beats: `ChangeMessageVisibility` calls that succeeded.
+    pub lease_extensions: u64,
+    /// Receive-to-settle time of the deliveries that charged (nearest rank).
+    pub charge_time_p50_ms: u64,
+    pub charge_time_p99_ms: u64,
+    /// What sat in the dead-letter queue when the run drained (up to 10).
+    pub dead_letters: Vec<DeadLetterSummary>,
     /// Per traced order, what happened to each of its deliveries.
     pub traces: std::collections::BTreeMap<String, Vec<String>>,
     /// Settled deliveries per second, from the first receive to the last
@@ -77,6 +92,16 @@ impl RunReport {
         }
         lines
     }
+}
+
+/// One message in the dead-letter queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterSummary {
+    /// The reason the consumer gave; empty if the broker moved it.
+    pub reason: String,
+    /// The order, when the payload is a payment event.
+    pub order_id: Option<String>,
+    pub payload_bytes: usize,
 }
 
 /// One consumer's `/metrics` text, scraped when the run had drained.
@@ -255,6 +280,14 @@ mod tests {
             },
             double_charges_by_fault: Default::default(),
             consumer_metrics: Vec::new(),
+            visibility_timeout_ms: None,
+            max_receive_count: None,
+            heartbeat: false,
+            settled_late: 0,
+            lease_extensions: 0,
+            charge_time_p50_ms: 0,
+            charge_time_p99_ms: 0,
+            dead_letters: Vec::new(),
             traces: Default::default(),
             throughput_per_second: 0.0,
             drained: true,

@@ -16,14 +16,14 @@ use consumer::crash::{CrashPoint, CrashSchedule};
 use consumer::observe::StdoutObserver;
 use consumer::{PaymentConsumer, Variant};
 use psp::client::PspClient;
-use queue::rabbitmq::{RabbitBroker, Topology};
+use queue::backend::{Broker, QueueSpec};
 use queue::{OutgoingMessage, Publisher, QueueError};
 use serde::{Deserialize, Serialize};
 use shop::naive_producer::{self, ProducerFaults};
 use shop::Order;
 use uuid::Uuid;
 
-use crate::plan::{ChaosPlan, ProducerFault};
+use crate::plan::{ChaosPlan, Poison, ProducerFault};
 
 pub const ROLE_ENV: &str = "EO_LAB_ROLE";
 
@@ -65,9 +65,13 @@ pub struct RunConfig {
     pub psp_base_url: String,
     pub psp_api_key: String,
     pub psp_timeout_ms: u64,
-    pub amqp_url: String,
-    pub queue: String,
+    pub queue: QueueSpec,
     pub prefetch: u16,
+    /// The consumers' visibility heartbeat, if they keep one.
+    pub heartbeat: Option<consumer::Heartbeat>,
+    /// Whether the consumers dead-letter a message on its last allowed
+    /// receive (`maxReceiveCount`) with a reason, where the broker counts.
+    pub dead_letter_last_receive: bool,
     /// The run's own folder: logs and crash markers.
     pub work_dir: PathBuf,
 }
@@ -141,11 +145,16 @@ fn load_config(path: &Path) -> anyhow::Result<RunConfig> {
 /// planned crash must still happen exactly once for a seed to replay.
 struct PlannedCrashes {
     points: HashMap<Uuid, CrashPoint>,
+    /// Poison events that kill whoever handles them, every time.
+    every_time: HashSet<Uuid>,
     marker_dir: PathBuf,
 }
 
 impl CrashSchedule for PlannedCrashes {
     fn should_crash(&self, point: CrashPoint, order_id: Uuid) -> bool {
+        if self.every_time.contains(&order_id) {
+            return point == CrashPoint::BeforeCharge;
+        }
         self.points.get(&order_id) == Some(&point)
             && first_time(&self.marker_dir, "crashed", order_id)
     }
@@ -169,16 +178,23 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
         Duration::from_millis(config.psp_timeout_ms),
     )
     .context("building the PSP client")?;
-    let broker = RabbitBroker::connect(&config.amqp_url).await?;
-    let mut receiver = broker
-        .receiver(&Topology::durable(&config.queue), config.prefetch)
-        .await?;
+    let broker = Broker::connect(config.queue.backend).await?;
+    let mut receiver = broker.receiver(&config.queue, config.prefetch).await?;
     let crashes = PlannedCrashes {
         points: config
             .plan
             .orders
             .iter()
             .filter_map(|o| o.consumer_crash.map(|point| (o.order_id, point)))
+            .collect(),
+        every_time: config
+            .plan
+            .poison
+            .iter()
+            .filter_map(|poison| match poison {
+                Poison::KillsEveryConsumer { order_id } => Some(*order_id),
+                Poison::Malformed { .. } => None,
+            })
             .collect(),
         marker_dir: config.work_dir.clone(),
     };
@@ -190,6 +206,10 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
         observer: Arc::new(StdoutObserver),
         requeue_delay: Duration::from_millis(200),
         metrics: Default::default(),
+        heartbeat: config.heartbeat,
+        max_receives: config
+            .dead_letter_last_receive
+            .then_some(config.queue.max_receive_count),
     };
     // Metrics first, so the supervisor learns where to scrape before any
     // delivery is counted.
@@ -204,7 +224,7 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
         });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     consumer
-        .run(&mut receiver, async move {
+        .run(&mut *receiver, async move {
             terminate.recv().await;
         })
         .await
@@ -217,8 +237,8 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
 /// fails (the naive producer logs that and moves on; a relay retries). A
 /// planned duplicate is sent twice, as by a producer that retried a publish
 /// whose confirm it never saw.
-struct ChaosPublisher<P> {
-    inner: P,
+struct ChaosPublisher {
+    inner: Box<dyn Publisher>,
     dropped: HashSet<String>,
     duplicated: HashSet<String>,
     altered: HashSet<String>,
@@ -226,7 +246,7 @@ struct ChaosPublisher<P> {
 }
 
 #[async_trait::async_trait]
-impl<P: Publisher> Publisher for ChaosPublisher<P> {
+impl Publisher for ChaosPublisher {
     async fn publish(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
         if self.dropped.contains(&message.key)
             && first_time(&self.marker_dir, "dropped", &message.key)
@@ -275,17 +295,14 @@ fn orders_with(config: &RunConfig, fault: ProducerFault) -> impl Iterator<Item =
         .map(|o| o.order_id)
 }
 
-async fn chaos_publisher(
-    config: &RunConfig,
-    broker: &RabbitBroker,
-) -> anyhow::Result<ChaosPublisher<queue::rabbitmq::RabbitPublisher>> {
+async fn chaos_publisher(config: &RunConfig, broker: &Broker) -> anyhow::Result<ChaosPublisher> {
     let keys = |fault| {
         orders_with(config, fault)
             .map(|id| id.to_string())
             .collect()
     };
     Ok(ChaosPublisher {
-        inner: broker.publisher(&Topology::durable(&config.queue)).await?,
+        inner: broker.publisher(&config.queue).await?,
         dropped: keys(ProducerFault::PublishDropped),
         duplicated: keys(ProducerFault::PublishedTwice),
         altered: keys(ProducerFault::RepublishedAltered),
@@ -295,10 +312,11 @@ async fn chaos_publisher(
 
 async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
     let pool = databases::connect(&config.shop_database_url, 2).await?;
-    let broker = RabbitBroker::connect(&config.amqp_url).await?;
+    let broker = Broker::connect(config.queue.backend).await?;
     let publisher = chaos_publisher(&config, &broker).await?;
     let crashes =
         PlannedProducerCrashes(orders_with(&config, ProducerFault::CrashAfterCommit).collect());
+    publish_poison(&config, &*publisher.inner).await?;
 
     // A restarted producer carries on after the last order it committed,
     // like a web shop that keeps taking orders after a restart. An order
@@ -330,6 +348,26 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
                     .with_context(|| format!("placing order {}", order.order_id))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Publishes the plan's poison messages, once per run (a restarted producer
+/// does not publish them again), ahead of the orders so that the consumers
+/// meet them while the real orders flow.
+async fn publish_poison(config: &RunConfig, publisher: &dyn Publisher) -> anyhow::Result<()> {
+    for (index, poison) in config.plan.poison.iter().enumerate() {
+        let marker = config.work_dir.join(format!("poison-{index}"));
+        if marker.exists() {
+            continue;
+        }
+        let message = poison.message(index);
+        publisher
+            .publish(&message)
+            .await
+            .with_context(|| format!("publishing poison message {}", message.message_id))?;
+        std::fs::write(&marker, b"published")
+            .with_context(|| format!("writing {}", marker.display()))?;
     }
     Ok(())
 }
@@ -374,7 +412,7 @@ async fn run_relay(config: RunConfig) -> anyhow::Result<()> {
         anyhow::bail!("a relay process needs an outbox producer in the run config");
     };
     let pool = databases::connect(&config.shop_database_url, 3).await?;
-    let broker = RabbitBroker::connect(&config.amqp_url).await?;
+    let broker = Broker::connect(config.queue.backend).await?;
     let publisher = chaos_publisher(&config, &broker).await?;
     let metrics = relay::metrics::install_recorder()?;
     let served = relay::metrics::serve(metrics, pool.clone(), "127.0.0.1:0").await?;

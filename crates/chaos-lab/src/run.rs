@@ -11,13 +11,12 @@ use consumer::observe::{Observation, Outcome};
 use consumer::Variant;
 use databases::FreshDatabase;
 use indicatif::{ProgressBar, ProgressStyle};
-use queue::rabbitmq::{RabbitBroker, Topology};
-use queue::QueueInspector;
+use queue::backend::{BackendKind, Broker, QueueSpec};
 use tokio::sync::mpsc;
 
 use crate::audit::Audit;
 use crate::plan::ChaosPlan;
-use crate::report::{ConsumerScrape, RunReport};
+use crate::report::{ConsumerScrape, DeadLetterSummary, RunReport};
 use crate::roles::{ProducerKind, Role, RunConfig};
 use crate::supervisor::Report;
 use crate::supervisor::{ExitKind, LabEvent, ProcessId, Supervisor};
@@ -47,6 +46,17 @@ pub struct RunSpec {
     /// The binary to start as consumer and producer processes; it must call
     /// [`crate::Role::from_env`] first thing. Default: this executable.
     pub executable: Option<PathBuf>,
+    /// SQS: how long a received message stays hidden. A SIGKILLed
+    /// consumer's message comes back only after this, so chaos runs keep it
+    /// short (but longer than the work, or chapter 5 happens).
+    pub visibility_timeout: Duration,
+    /// SQS: receives before the redrive policy moves a message to the DLQ.
+    pub max_receive_count: u32,
+    /// The consumers' visibility heartbeat (SQS), if any.
+    pub heartbeat: Option<consumer::Heartbeat>,
+    /// Consumers dead-letter a message with a reason on its last allowed
+    /// receive, instead of handling it once more.
+    pub dead_letter_last_receive: bool,
 }
 
 impl RunSpec {
@@ -67,6 +77,10 @@ impl RunSpec {
             executable: None,
             trace_orders: Vec::new(),
             prefill: false,
+            visibility_timeout: Duration::from_secs(2),
+            max_receive_count: 10,
+            heartbeat: None,
+            dead_letter_last_receive: true,
         }
     }
 }
@@ -98,6 +112,13 @@ struct Tally {
     first_received: Option<Instant>,
     last_settled: Option<Instant>,
     settled: u64,
+    /// Acks (and other settles) refused because the lease had run out.
+    settled_late: u64,
+    lease_extensions: u64,
+    /// Receive-to-settle times of the deliveries that charged.
+    charge_times_ms: Vec<u64>,
+    /// What happens to a killed consumer's message on this backend.
+    comes_back: &'static str,
 }
 
 impl Tally {
@@ -161,8 +182,15 @@ impl Tally {
                         );
                     }
                 }
-                Observation::Settled { order_id, outcome } => {
+                Observation::Settled {
+                    order_id,
+                    outcome,
+                    elapsed_ms,
+                } => {
                     self.settled += 1;
+                    if matches!(outcome, Outcome::Charged { .. }) {
+                        self.charge_times_ms.push(*elapsed_ms);
+                    }
                     self.last_settled = Some(Instant::now());
                     if let Some(order_id) = order_id {
                         self.holding.remove(process);
@@ -197,6 +225,22 @@ impl Tally {
                 Observation::MetricsServed { addr } => {
                     self.metrics_addrs.insert(*process, addr.clone());
                 }
+                Observation::SettledLate {
+                    order_id,
+                    operation,
+                } => {
+                    self.settled_late += 1;
+                    if let Some(order_id) = order_id {
+                        self.trace(
+                            *order_id,
+                            format!(
+                                "consumer {}: {operation} refused, the lease had run out",
+                                process.slot
+                            ),
+                        );
+                    }
+                }
+                Observation::LeaseExtended { .. } => self.lease_extensions += 1,
             },
             LabEvent::Exited {
                 process,
@@ -212,9 +256,9 @@ impl Tally {
                         self.trace(
                             order_id,
                             format!(
-                            "consumer {} dies (signal 9); the broker requeues its unacked message",
-                            process.slot
-                        ),
+                                "consumer {} dies (signal 9); {}",
+                                process.slot, self.comes_back
+                            ),
                         );
                     }
                 }
@@ -293,7 +337,7 @@ fn describe(outcome: &Outcome) -> String {
 
 /// Runs `spec` end to end and returns the audited result. Everything the run
 /// created (databases, queues, temporary files) is removed afterwards.
-pub async fn execute(spec: &RunSpec, backend: &str) -> anyhow::Result<RunReport> {
+pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<RunReport> {
     let started = Instant::now();
     let shop = FreshDatabase::create("eo_shop", 5)
         .await
@@ -302,8 +346,10 @@ pub async fn execute(spec: &RunSpec, backend: &str) -> anyhow::Result<RunReport>
         .await
         .context("creating the run's PSP database")?;
     let run_id = shop.name.trim_start_matches("eo_shop_").to_owned();
-    let topology = Topology::durable(format!("eo.{run_id}.payments"));
-    let broker = RabbitBroker::connect(&queue::rabbitmq::url_from_env()).await?;
+    let topology = QueueSpec::new(backend, format!("eo.{run_id}.payments"))
+        .with_visibility_timeout(spec.visibility_timeout)
+        .with_max_receive_count(spec.max_receive_count);
+    let broker = Broker::connect(backend).await?;
     let work_dir = std::env::temp_dir().join(format!("effectively-once-{run_id}"));
 
     let result = run_in(
@@ -326,11 +372,11 @@ pub async fn execute(spec: &RunSpec, backend: &str) -> anyhow::Result<RunReport>
 #[allow(clippy::too_many_arguments)]
 async fn run_in(
     spec: &RunSpec,
-    backend: &str,
+    backend: BackendKind,
     shop: &FreshDatabase,
     psp_db: &FreshDatabase,
-    broker: &RabbitBroker,
-    topology: &Topology,
+    broker: &Broker,
+    topology: &QueueSpec,
     work_dir: &PathBuf,
     started: Instant,
 ) -> anyhow::Result<RunReport> {
@@ -357,9 +403,10 @@ async fn run_in(
         psp_base_url: psp.base_url(),
         psp_api_key: api_key,
         psp_timeout_ms: spec.psp_timeout.as_millis() as u64,
-        amqp_url: queue::rabbitmq::url_from_env(),
-        queue: topology.queue.clone(),
+        queue: topology.clone(),
         prefetch: spec.prefetch,
+        heartbeat: spec.heartbeat,
+        dead_letter_last_receive: spec.dead_letter_last_receive,
         work_dir: work_dir.clone(),
     };
     let config_path = work_dir.join("run-config.json");
@@ -373,6 +420,12 @@ async fn run_in(
     let mut supervisor = Supervisor::new(executable, config_path, work_dir.clone(), events_tx);
     let mut tally = Tally {
         traced: spec.trace_orders.iter().copied().collect(),
+        comes_back: match backend {
+            BackendKind::Rabbitmq => "the broker requeues its unacked message",
+            BackendKind::Sqs => {
+                "its message stays hidden until the visibility timeout runs out, then comes back"
+            }
+        },
         ..Tally::default()
     };
     if spec.prefill {
@@ -419,7 +472,7 @@ async fn run_in(
                 }
                 let quiet = tally.last_event.is_none_or(|t| t.elapsed() >= spec.quiet_period);
                 if tally.producer_done && tally.idle() && quiet
-                    && inspector.ready_count().await.unwrap_or(1) == 0
+                    && inspector.is_empty().await.unwrap_or(false)
                     && outbox_drained(spec.producer, &shop.pool).await
                 {
                     break Ok(true);
@@ -428,6 +481,7 @@ async fn run_in(
         }
     };
     let consumer_metrics = scrape_all(&tally.metrics_addrs).await;
+    let dead_letters = dead_letters(&inspector).await;
     let relay_metrics = scrape_all(&tally.relay_metrics_addrs).await;
     supervisor.stop().await;
     while let Ok(event) = events.try_recv() {
@@ -455,7 +509,7 @@ async fn run_in(
         scenario: spec.scenario.clone(),
         variant: spec.variant.name().to_owned(),
         producer: spec.producer.name(),
-        backend: backend.to_owned(),
+        backend: backend.name().to_owned(),
         messages: spec.plan.orders.len(),
         seed: spec.plan.seed,
         double_charges: audit.double_charges,
@@ -486,10 +540,59 @@ async fn run_in(
             }
             _ => 0.0,
         },
+        visibility_timeout_ms: (backend == BackendKind::Sqs)
+            .then_some(topology.visibility_timeout_ms),
+        max_receive_count: (backend == BackendKind::Sqs).then_some(topology.max_receive_count),
+        heartbeat: spec.heartbeat.is_some(),
+        settled_late: tally.settled_late,
+        lease_extensions: tally.lease_extensions,
+        charge_time_p50_ms: percentile(&tally.charge_times_ms, 0.50),
+        charge_time_p99_ms: percentile(&tally.charge_times_ms, 0.99),
+        dead_letters,
         traces: tally.traces,
         drained,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// The `q` quantile (nearest rank) of `values`, 0 when there are none.
+fn percentile(values: &[u64], q: f64) -> u64 {
+    if values.is_empty() {
+        return 0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// What sits in the dead-letter queue at the end (up to 10), decoded where
+/// the payload is a payment event.
+async fn dead_letters(inspector: &queue::backend::Inspector) -> Vec<DeadLetterSummary> {
+    match inspector.dead_letter_count().await {
+        Ok(0) => return Vec::new(),
+        Ok(_) => {}
+        Err(error) => {
+            eprintln!("warning: counting the dead-letter queue failed: {error}");
+            return Vec::new();
+        }
+    }
+    match inspector.peek_dead_letters(10).await {
+        Ok(letters) => letters
+            .into_iter()
+            .map(|letter| DeadLetterSummary {
+                order_id: payments::PaymentEvent::decode(&letter.payload)
+                    .ok()
+                    .map(|event| event.order_id.to_string()),
+                payload_bytes: letter.payload.len(),
+                reason: letter.reason,
+            })
+            .collect(),
+        Err(error) => {
+            eprintln!("warning: looking into the dead-letter queue failed: {error}");
+            Vec::new()
+        }
+    }
 }
 
 /// Records events until `done` holds, for at most `limit`.

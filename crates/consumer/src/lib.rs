@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use payments::PaymentEvent;
 use psp::client::PspClient;
-use queue::{Delivery, QueueError, Receiver};
+use queue::{Delivery, LeaseKeeper, QueueError, Receiver};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -87,6 +87,30 @@ pub struct PaymentConsumer {
     /// PSP outage does not turn into a hot redelivery loop.
     pub requeue_delay: Duration,
     pub metrics: metrics::DeliveryMetrics,
+    /// Extend the delivery's lease while it is handled (SQS visibility).
+    pub heartbeat: Option<Heartbeat>,
+    /// The queue's `maxReceiveCount`, where the broker counts receives: the
+    /// last receive is dead-lettered with a reason instead of handled.
+    pub max_receives: Option<u32>,
+}
+
+/// The visibility heartbeat: every `every`, push the delivery's lease out
+/// to `extend_to` from now, for as long as the handler works on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub every: Duration,
+    pub extend_to: Duration,
+}
+
+impl Heartbeat {
+    /// Beats three times per lease: two beats may be late or lost before
+    /// the lease runs out.
+    pub fn for_lease(lease: Duration) -> Self {
+        Self {
+            every: lease / 3,
+            extend_to: lease,
+        }
+    }
 }
 
 impl PaymentConsumer {
@@ -125,34 +149,97 @@ impl PaymentConsumer {
             order_id,
             redelivered,
         });
+        let _heartbeat = self.start_heartbeat(&*receiver, &delivery, order_id);
+        let mut settling = LateSettlements {
+            inner: receiver,
+            late: Vec::new(),
+        };
+        let outcome = self.dispatch(&mut settling, &delivery, decoded).await?;
+        for operation in settling.late {
+            self.metrics.settled_late();
+            self.observer.observe(&Observation::SettledLate {
+                order_id,
+                operation: operation.to_owned(),
+            });
+        }
+        self.metrics.settled(&outcome, started.elapsed());
+        self.observer.observe(&Observation::Settled {
+            order_id,
+            outcome: outcome.clone(),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        });
+        Ok(outcome)
+    }
+
+    /// The variant's handler, or the dead letter of a last receive.
+    async fn dispatch(
+        &self,
+        receiver: &mut dyn Receiver,
+        delivery: &Delivery,
+        decoded: Result<PaymentEvent, payments::DecodeError>,
+    ) -> Result<Outcome, ConsumerError> {
         let outcome = match self.variant {
+            _ if self.last_receive(delivery) => {
+                let reason = format!(
+                    "received {} times without being settled (the queue's maxReceiveCount is {}): \
+                     every earlier attempt died or gave up",
+                    delivery.delivery_count.unwrap_or_default(),
+                    self.max_receives.unwrap_or_default()
+                );
+                receiver.dead_letter(delivery, &reason).await?;
+                Outcome::DeadLettered { reason }
+            }
             Variant::Naive => {
-                naive::handle_ack_after_commit(self, receiver, &delivery, decoded).await?
+                naive::handle_ack_after_commit(self, receiver, delivery, decoded).await?
             }
             Variant::AckOnReceipt => {
-                naive::handle_ack_on_receipt(self, receiver, &delivery, decoded).await?
+                naive::handle_ack_on_receipt(self, receiver, delivery, decoded).await?
             }
             Variant::DedupOnly => {
-                hardened::handle_insert_first(self, receiver, &delivery, decoded, ChargeKey::None)
+                hardened::handle_insert_first(self, receiver, delivery, decoded, ChargeKey::None)
                     .await?
             }
             Variant::Hardened => {
                 hardened::handle_insert_first(
                     self,
                     receiver,
-                    &delivery,
+                    delivery,
                     decoded,
                     ChargeKey::FromEvent,
                 )
                 .await?
             }
         };
-        self.metrics.settled(&outcome, started.elapsed());
-        self.observer.observe(&Observation::Settled {
-            order_id,
-            outcome: outcome.clone(),
-        });
         Ok(outcome)
+    }
+
+    /// True on the receive that the broker's redrive policy would not allow
+    /// again: a message that has come back this often keeps killing or
+    /// stalling whoever handles it, and handling it once more only adds one
+    /// more crash. Dead-lettering it here, rather than letting the policy
+    /// move it on the next receive, puts a reason next to it.
+    fn last_receive(&self, delivery: &Delivery) -> bool {
+        matches!(
+            (self.max_receives, delivery.delivery_count),
+            (Some(limit), Some(count)) if count >= limit
+        )
+    }
+
+    /// Starts the visibility heartbeat for this delivery, if the consumer
+    /// has one and the broker has leases. It stops when the guard drops.
+    fn start_heartbeat(
+        &self,
+        receiver: &dyn Receiver,
+        delivery: &Delivery,
+        order_id: Option<uuid::Uuid>,
+    ) -> Option<AbortOnDrop> {
+        let heartbeat = self.heartbeat?;
+        let keeper = receiver.lease_keeper()?;
+        let delivery = delivery.clone();
+        let observer = self.observer.clone();
+        Some(AbortOnDrop(tokio::spawn(async move {
+            beat(keeper, delivery, heartbeat, observer, order_id).await
+        })))
     }
 
     /// SIGKILLs this process if the chaos schedule says so.
@@ -176,6 +263,91 @@ impl PaymentConsumer {
         tokio::time::sleep(self.requeue_delay).await;
         receiver.requeue(delivery).await?;
         Ok(Outcome::Requeued { reason })
+    }
+}
+
+async fn beat(
+    keeper: Arc<dyn LeaseKeeper>,
+    delivery: Delivery,
+    heartbeat: Heartbeat,
+    observer: Arc<dyn Observer>,
+    order_id: Option<uuid::Uuid>,
+) {
+    loop {
+        tokio::time::sleep(heartbeat.every).await;
+        match keeper.extend(&delivery, heartbeat.extend_to).await {
+            Ok(()) => {
+                metrics::lease_extended();
+                observer.observe(&Observation::LeaseExtended { order_id });
+            }
+            // Too late: someone else has the message now. Nothing to keep.
+            Err(QueueError::LeaseExpired { .. }) => return,
+            // A beat that failed may succeed next time; the lease still has
+            // two beats' worth of time left.
+            Err(error) => tracing::warn!(%error, "visibility heartbeat failed"),
+        }
+    }
+}
+
+/// Stops a spawned task when dropped, however the handler returned.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Settles through the real receiver, but treats a settle that came after
+/// the lease ran out as done rather than as a failure of this consumer: the
+/// broker has handed the message to someone else, whose delivery settles
+/// it, and the dedup row makes sure that one does not charge again. Each
+/// such late settle is recorded, because it means the lease was too short.
+struct LateSettlements<'a> {
+    inner: &'a mut dyn Receiver,
+    late: Vec<&'static str>,
+}
+
+impl LateSettlements<'_> {
+    fn tolerate(&mut self, result: Result<(), QueueError>) -> Result<(), QueueError> {
+        match result {
+            Err(QueueError::LeaseExpired { operation, reason }) => {
+                tracing::warn!(operation, %reason, "settled after the lease ran out");
+                self.late.push(operation);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Receiver for LateSettlements<'_> {
+    async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        self.inner.receive(max, wait).await
+    }
+
+    async fn ack(&mut self, delivery: &Delivery) -> Result<(), QueueError> {
+        let result = self.inner.ack(delivery).await;
+        self.tolerate(result)
+    }
+
+    async fn requeue(&mut self, delivery: &Delivery) -> Result<(), QueueError> {
+        let result = self.inner.requeue(delivery).await;
+        self.tolerate(result)
+    }
+
+    async fn dead_letter(&mut self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+        let result = self.inner.dead_letter(delivery, reason).await;
+        self.tolerate(result)
+    }
+
+    async fn extend_lease(&mut self, delivery: &Delivery, by: Duration) -> Result<(), QueueError> {
+        self.inner.extend_lease(delivery, by).await
+    }
+
+    fn lease_keeper(&self) -> Option<Arc<dyn LeaseKeeper>> {
+        self.inner.lease_keeper()
     }
 }
 

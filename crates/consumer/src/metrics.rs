@@ -23,6 +23,8 @@ pub const DEAD_LETTERED: &str = "dead_lettered_total";
 pub const REQUEUED: &str = "requeued_total";
 pub const LOST: &str = "lost_total";
 pub const PROCESSING_SECONDS: &str = "processing_seconds";
+pub const SETTLED_LATE: &str = "settled_after_lease_expired_total";
+pub const LEASE_EXTENSIONS: &str = "lease_extensions_total";
 
 /// Bucket bounds for the processing time: from a fast local charge to a PSP
 /// call that ran into its timeout.
@@ -106,6 +108,12 @@ impl DeliveryMetrics {
         self.publish_rate();
     }
 
+    /// An ack, requeue or dead letter refused because the lease had run out
+    /// and the message was already with another consumer.
+    pub fn settled_late(&self) {
+        metrics::counter!(SETTLED_LATE).increment(1);
+    }
+
     fn publish_rate(&self) {
         let deliveries = self.deliveries.load(Ordering::Relaxed);
         let hits = self.dedup_hits.load(Ordering::Relaxed);
@@ -116,4 +124,9 @@ impl DeliveryMetrics {
         };
         metrics::gauge!(DEDUP_HIT_RATE).set(rate);
     }
+}
+
+/// One beat of the visibility heartbeat (from the heartbeat's own task).
+pub fn lease_extended() {
+    metrics::counter!(LEASE_EXTENSIONS).increment(1);
 }

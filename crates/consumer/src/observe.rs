@@ -22,7 +22,18 @@ pub enum Observation {
     Settled {
         order_id: Option<Uuid>,
         outcome: Outcome,
+        /// From receive to settle: the processing time a lease must cover.
+        #[serde(default)]
+        elapsed_ms: u64,
     },
+    /// A settle (`operation`) came after the lease ran out: the broker had
+    /// handed the message out again, and the newer delivery settles it.
+    SettledLate {
+        order_id: Option<Uuid>,
+        operation: String,
+    },
+    /// The visibility heartbeat pushed the delivery's lease out.
+    LeaseExtended { order_id: Option<Uuid> },
     /// The process serves its Prometheus metrics at this address.
     MetricsServed { addr: String },
     /// The process is about to SIGKILL itself at this point.

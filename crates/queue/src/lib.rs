@@ -25,6 +25,7 @@
 
 use std::time::Duration;
 
+pub mod backend;
 pub mod rabbitmq;
 pub mod redrive;
 pub mod sqs;
@@ -79,6 +80,15 @@ pub enum QueueError {
     StreamClosed,
     #[error("receipt {0:?} does not belong to this backend")]
     ForeignReceipt(Receipt),
+    /// The delivery's lease ran out and the message was handed out again:
+    /// this receipt can no longer settle it (SQS `ReceiptHandleIsInvalid`).
+    /// The newer delivery settles it instead; the consumer's dedup makes
+    /// sure the work is not done twice.
+    #[error("`{operation}` came too late: the lease ran out and the message was handed out again ({reason})")]
+    LeaseExpired {
+        operation: &'static str,
+        reason: String,
+    },
 }
 
 impl QueueError {
@@ -116,6 +126,21 @@ pub trait Receiver: Send {
     /// Still working: push the redelivery deadline `by` further out. A no-op
     /// where the broker waits for the connection instead (RabbitMQ).
     async fn extend_lease(&mut self, delivery: &Delivery, by: Duration) -> Result<(), QueueError>;
+
+    /// A handle that extends leases from another task while this receiver is
+    /// busy handling the delivery (the visibility heartbeat). `None` where
+    /// the broker has no lease to extend (RabbitMQ).
+    fn lease_keeper(&self) -> Option<std::sync::Arc<dyn LeaseKeeper>> {
+        None
+    }
+}
+
+/// Extends a delivery's lease while its handler works (see
+/// [`Receiver::lease_keeper`]).
+#[async_trait::async_trait]
+pub trait LeaseKeeper: Send + Sync {
+    /// Keeps the message hidden for `by` from now.
+    async fn extend(&self, delivery: &Delivery, by: Duration) -> Result<(), QueueError>;
 }
 
 /// What a chaos run or a test can observe about a queue from the outside.

@@ -490,6 +490,9 @@ where
         (Some(code), None) => code.to_owned(),
         _ => error_chain(&error),
     };
+    if is_stale_receipt(&error) {
+        return QueueError::LeaseExpired { operation, reason };
+    }
     if unreachable {
         QueueError::Connect {
             url: endpoint.to_owned(),
@@ -524,6 +527,21 @@ fn is_missing_queue<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool 
     matches!(
         error.code(),
         Some("QueueDoesNotExist" | "AWS.SimpleQueueService.NonExistentQueue")
+    )
+}
+
+/// The receipt handle belongs to an earlier receive: the visibility timeout
+/// ran out and the message was received again (ElasticMQ refuses the old
+/// handle; SQS may accept it and do nothing), or it is already deleted.
+fn is_stale_receipt<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+    matches!(
+        error.code(),
+        Some(
+            "ReceiptHandleIsInvalid"
+                | "AWS.SimpleQueueService.ReceiptHandleIsInvalid"
+                | "MessageNotInflight"
+                | "AWS.SimpleQueueService.MessageNotInflight"
+        )
     )
 }
 
@@ -739,6 +757,29 @@ fn to_delivery(message: Message) -> Result<Delivery, QueueError> {
     })
 }
 
+/// Extends visibility from a task of its own while the receiver's owner is
+/// busy with the delivery: the visibility heartbeat.
+struct SqsLeaseKeeper {
+    broker: SqsBroker,
+    queue_url: String,
+}
+
+#[async_trait::async_trait]
+impl crate::LeaseKeeper for SqsLeaseKeeper {
+    async fn extend(&self, delivery: &Delivery, by: Duration) -> Result<(), QueueError> {
+        self.broker
+            .client
+            .change_message_visibility()
+            .queue_url(&self.queue_url)
+            .receipt_handle(SqsReceiver::receipt_handle(delivery)?)
+            .visibility_timeout(whole_seconds(by))
+            .send()
+            .await
+            .map_err(|e| self.broker.error("ChangeMessageVisibility", e))?;
+        Ok(())
+    }
+}
+
 #[async_trait::async_trait]
 impl crate::Receiver for SqsReceiver {
     /// A long poll: `WaitTimeSeconds` is whole seconds, so `wait` is rounded
@@ -817,6 +858,13 @@ impl crate::Receiver for SqsReceiver {
     /// deadline rather than adding to it, as SQS does.
     async fn extend_lease(&mut self, delivery: &Delivery, by: Duration) -> Result<(), QueueError> {
         self.change_visibility(delivery, whole_seconds(by)).await
+    }
+
+    fn lease_keeper(&self) -> Option<std::sync::Arc<dyn crate::LeaseKeeper>> {
+        Some(std::sync::Arc::new(SqsLeaseKeeper {
+            broker: self.broker.clone(),
+            queue_url: self.queue_url.clone(),
+        }))
     }
 }
 

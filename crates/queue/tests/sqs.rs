@@ -187,7 +187,19 @@ async fn an_unacked_message_comes_back_when_the_visibility_timeout_runs_out() {
     // The first consumer finishes late and acks with its stale receipt:
     // ElasticMQ refuses it, and the message stays with the second consumer.
     let late = first_consumer.ack(&first).await;
-    assert!(matches!(late, Err(QueueError::Broker { .. })), "{late:?}");
+    assert!(
+        matches!(late, Err(QueueError::LeaseExpired { .. })),
+        "{late:?}"
+    );
+    let late_heartbeat = first_consumer
+        .lease_keeper()
+        .expect("SQS has leases")
+        .extend(&first, Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(late_heartbeat, Err(QueueError::LeaseExpired { .. })),
+        "{late_heartbeat:?}"
+    );
     let inspector = broker.inspector(&queue.topology);
     assert_eq!(counts(&inspector).await, (0, 1, 0));
 

@@ -7,11 +7,12 @@
 //! machine hits both. The mean processing time per message comes from the
 //! consumers' own `processing_seconds` histograms.
 //!
-//! `cargo run --release -p chaos-lab --bin consumer-throughput -- --messages 2000`
+//! `cargo run --release -p chaos-lab --bin consumer-throughput -- --messages 2000 [--backend sqs]`
 
 use std::process::ExitCode;
 use std::time::Duration;
 
+use chaos_lab::chapter::Backend;
 use chaos_lab::plan::{ChaosPlan, FaultMix};
 use chaos_lab::run::{execute, RunSpec};
 use chaos_lab::{Role, RunReport};
@@ -20,6 +21,9 @@ use consumer::Variant;
 
 #[derive(Debug, Parser)]
 struct Args {
+    /// Which broker carries the messages.
+    #[arg(long, value_enum, default_value = "rabbitmq")]
+    backend: Backend,
     /// Orders per variant and round.
     #[arg(long, default_value_t = 2000)]
     messages: usize,
@@ -50,6 +54,10 @@ async fn main() -> ExitCode {
 }
 
 async fn benchmark(args: Args) -> anyhow::Result<()> {
+    let backend = args
+        .backend
+        .kind()
+        .ok_or_else(|| anyhow::anyhow!("the {} backend is not in this build yet", args.backend.name()))?;
     let plan = ChaosPlan::generate(args.seed, args.messages, FaultMix::NONE);
     let spec = |variant| {
         let mut spec = RunSpec::new(variant, plan.clone(), args.consumers);
@@ -59,15 +67,19 @@ async fn benchmark(args: Args) -> anyhow::Result<()> {
         spec
     };
     eprintln!(
-        "{} messages, {} consumers, {} rounds, PSP latency {} ms",
-        args.messages, args.consumers, args.rounds, args.psp_latency_ms
+        "{}: {} messages, {} consumers, {} rounds, PSP latency {} ms",
+        backend.name(),
+        args.messages,
+        args.consumers,
+        args.rounds,
+        args.psp_latency_ms
     );
     println!("| round | naive msg/s | hardened msg/s | hardened / naive | naive ms/msg | hardened ms/msg |");
     println!("|--:|--:|--:|--:|--:|--:|");
     let mut ratios = Vec::new();
     for round in 1..=args.rounds {
-        let naive = measured(execute(&spec(Variant::Naive), "rabbitmq").await?)?;
-        let hardened = measured(execute(&spec(Variant::Hardened), "rabbitmq").await?)?;
+        let naive = measured(execute(&spec(Variant::Naive), backend).await?)?;
+        let hardened = measured(execute(&spec(Variant::Hardened), backend).await?)?;
         let ratio = hardened.throughput_per_second / naive.throughput_per_second;
         ratios.push(ratio);
         println!(

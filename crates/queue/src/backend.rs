@@ -1,0 +1,217 @@
+//! Either broker, chosen at run time: what the chaos lab and the chapters'
+//! `--backend` flag use, so that one run description works on both.
+//!
+//! A [`QueueSpec`] names the queue and carries the settings only SQS has (the
+//! visibility timeout and `maxReceiveCount`); it serialises, so a lab can hand
+//! it to the consumer processes it starts. [`Broker`] connects to whichever
+//! backend the spec names, from the environment's settings.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rabbitmq::{self, RabbitBroker, Topology};
+use crate::sqs::{self, ReceiveSettings, SqsBroker, SqsTopology};
+use crate::{Publisher, QueueError, QueueInspector, Receiver};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    Rabbitmq,
+    Sqs,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Rabbitmq => "rabbitmq",
+            BackendKind::Sqs => "sqs",
+        }
+    }
+}
+
+/// One work queue (and its dead-letter queue) on one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSpec {
+    pub backend: BackendKind,
+    /// The queue's name on RabbitMQ; on SQS every character SQS refuses
+    /// becomes `-` ([`sqs::queue_name`]).
+    pub name: String,
+    /// SQS: how long a received message stays hidden. RabbitMQ has no such
+    /// timer per message: it redelivers when the consumer's channel closes.
+    pub visibility_timeout_ms: u64,
+    /// SQS: receives without a delete before the redrive policy moves the
+    /// message to the dead-letter queue.
+    pub max_receive_count: u32,
+}
+
+impl QueueSpec {
+    /// SQS defaults that never fire in a healthy run: a 30 s visibility
+    /// timeout (SQS's own default) and 10 receives.
+    pub fn new(backend: BackendKind, name: impl Into<String>) -> Self {
+        Self {
+            backend,
+            name: name.into(),
+            visibility_timeout_ms: 30_000,
+            max_receive_count: 10,
+        }
+    }
+
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility_timeout_ms = timeout.as_millis() as u64;
+        self
+    }
+
+    pub fn with_max_receive_count(mut self, count: u32) -> Self {
+        self.max_receive_count = count;
+        self
+    }
+
+    pub fn visibility_timeout(&self) -> Duration {
+        Duration::from_millis(self.visibility_timeout_ms)
+    }
+
+    fn rabbitmq(&self) -> Topology {
+        Topology::durable(&self.name)
+    }
+
+    fn sqs(&self) -> SqsTopology {
+        SqsTopology::new(
+            sqs::queue_name(&self.name),
+            self.visibility_timeout(),
+            self.max_receive_count,
+        )
+    }
+}
+
+/// A message in the dead-letter queue, on either backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Why the consumer dead-lettered it; empty when the broker moved it
+    /// (SQS's redrive policy gives no reason).
+    pub reason: String,
+    pub payload: Vec<u8>,
+    /// How often the dead letter itself was received, where the broker counts.
+    pub receive_count: Option<u32>,
+}
+
+/// A connection to the backend a [`QueueSpec`] names.
+#[derive(Clone)]
+pub enum Broker {
+    Rabbitmq(RabbitBroker),
+    Sqs(SqsBroker),
+}
+
+impl Broker {
+    /// Connects with the environment's settings (`EO_AMQP_URL`, `EO_SQS_*`).
+    pub async fn connect(backend: BackendKind) -> Result<Self, QueueError> {
+        Ok(match backend {
+            BackendKind::Rabbitmq => {
+                Broker::Rabbitmq(RabbitBroker::connect(&rabbitmq::url_from_env()).await?)
+            }
+            BackendKind::Sqs => Broker::Sqs(SqsBroker::connect().await?),
+        })
+    }
+
+    pub async fn declare(&self, spec: &QueueSpec) -> Result<(), QueueError> {
+        match self {
+            Broker::Rabbitmq(broker) => broker.declare(&spec.rabbitmq()).await,
+            Broker::Sqs(broker) => broker.declare(&spec.sqs()).await,
+        }
+    }
+
+    /// Deletes the queue and its dead-letter queue with their messages.
+    pub async fn delete(&self, spec: &QueueSpec) -> Result<(), QueueError> {
+        match self {
+            Broker::Rabbitmq(broker) => broker.delete(&spec.rabbitmq()).await,
+            Broker::Sqs(broker) => broker.delete(&spec.sqs()).await,
+        }
+    }
+
+    pub async fn publisher(&self, spec: &QueueSpec) -> Result<Box<dyn Publisher>, QueueError> {
+        Ok(match self {
+            Broker::Rabbitmq(broker) => Box::new(broker.publisher(&spec.rabbitmq()).await?),
+            Broker::Sqs(broker) => Box::new(broker.publisher(&spec.sqs()).await?),
+        })
+    }
+
+    /// A receiver holding at most `prefetch` unsettled messages (RabbitMQ's
+    /// prefetch; an SQS receiver holds what it asked for, one at a time in
+    /// the consumer).
+    pub async fn receiver(
+        &self,
+        spec: &QueueSpec,
+        prefetch: u16,
+    ) -> Result<Box<dyn Receiver>, QueueError> {
+        Ok(match self {
+            Broker::Rabbitmq(broker) => Box::new(broker.receiver(&spec.rabbitmq(), prefetch).await?),
+            Broker::Sqs(broker) => Box::new(
+                broker
+                    .receiver(&spec.sqs(), ReceiveSettings::default())
+                    .await?,
+            ),
+        })
+    }
+
+    pub fn inspector(&self, spec: &QueueSpec) -> Inspector {
+        match self {
+            Broker::Rabbitmq(broker) => Inspector::Rabbitmq(broker.inspector(&spec.rabbitmq())),
+            Broker::Sqs(broker) => Inspector::Sqs(broker.inspector(&spec.sqs())),
+        }
+    }
+}
+
+pub enum Inspector {
+    Rabbitmq(rabbitmq::RabbitInspector),
+    Sqs(sqs::SqsInspector),
+}
+
+impl Inspector {
+    /// Nothing waiting and, where the broker can say so, nothing held by a
+    /// consumer. On SQS a message whose consumer was SIGKILLed is invisible
+    /// until its visibility timeout runs out, and then comes back: a run is
+    /// not drained while one is in flight. RabbitMQ returns a dead
+    /// consumer's messages at once, so its ready count is enough there (the
+    /// lab knows which live consumer is busy).
+    pub async fn is_empty(&self) -> Result<bool, QueueError> {
+        Ok(match self {
+            Inspector::Rabbitmq(inspector) => inspector.ready_count().await? == 0,
+            Inspector::Sqs(inspector) => {
+                inspector.ready_count().await? == 0 && inspector.in_flight().await? == 0
+            }
+        })
+    }
+
+    pub async fn dead_letter_count(&self) -> Result<u64, QueueError> {
+        match self {
+            Inspector::Rabbitmq(inspector) => inspector.dead_letter_count().await,
+            Inspector::Sqs(inspector) => inspector.dead_letter_count().await,
+        }
+    }
+
+    /// Up to `max` dead letters (at most 10 on SQS), left where they are.
+    pub async fn peek_dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        Ok(match self {
+            Inspector::Rabbitmq(inspector) => inspector
+                .peek_dead_letters(max)
+                .await?
+                .into_iter()
+                .map(|letter| DeadLetter {
+                    reason: letter.reason,
+                    payload: letter.payload,
+                    receive_count: None,
+                })
+                .collect(),
+            Inspector::Sqs(inspector) => inspector
+                .peek_dead_letters(max)
+                .await?
+                .into_iter()
+                .map(|letter| DeadLetter {
+                    reason: letter.reason,
+                    payload: letter.payload,
+                    receive_count: letter.receive_count,
+                })
+                .collect(),
+        })
+    }
+}
