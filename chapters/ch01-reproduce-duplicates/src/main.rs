@@ -19,6 +19,7 @@ static CHAPTER: Chapter = Chapter {
     id: "ch01",
     title: "reproduce duplicates and lost events",
     default_messages: 60,
+    backends: chaos_lab::chapter::EVERY_BACKEND,
 };
 
 #[tokio::main]

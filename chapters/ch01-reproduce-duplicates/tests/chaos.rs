@@ -170,3 +170,19 @@ async fn the_same_seed_replays_the_same_counts() {
     assert_eq!(first.double_charges, 2);
     assert_eq!(first.lost_events, 2);
 }
+
+#[test]
+fn on_sqs_the_naive_pipeline_fails_the_same_way() {
+    let output = Command::new(chapter_binary())
+        .args(["--backend", "sqs", "--messages", "20", "--seed", "11", "--json"])
+        .output()
+        .expect("the chapter binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ch01 on SQS failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let naive = &report["runs"][0];
+    assert_eq!(naive["backend"], "sqs");
+    assert!(naive["double_charges"].as_u64().unwrap() > 0);
+    assert!(naive["lost_events"].as_u64().unwrap() > 0);
+    assert_eq!(report["claims_hold"], true);
+}

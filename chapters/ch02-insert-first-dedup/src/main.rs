@@ -22,6 +22,7 @@ static CHAPTER: Chapter = Chapter {
     id: "ch02",
     title: "INSERT-first dedup",
     default_messages: 60,
+    backends: chaos_lab::chapter::EVERY_BACKEND,
 };
 
 #[tokio::main]

@@ -36,3 +36,20 @@ fn the_chapter_shows_the_dedup_hit_and_the_gap() {
             > 0
     );
 }
+
+#[test]
+fn on_sqs_dedup_catches_the_redelivery_and_leaves_the_same_gap() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ch02-insert-first-dedup"))
+        .args(["--backend", "sqs", "--messages", "20", "--seed", "5", "--json"])
+        .output()
+        .expect("the chapter binary runs");
+    assert!(
+        output.status.success(),
+        "ch02 on SQS failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["backend"], "sqs");
+    assert_eq!(report["runs"][0]["dedup_hits"], 1);
+    assert_eq!(report["claims_hold"], true);
+}

@@ -27,6 +27,7 @@ static CHAPTER: Chapter = Chapter {
     id: "ch03",
     title: "the Idempotency-Key",
     default_messages: 60,
+    backends: chaos_lab::chapter::EVERY_BACKEND,
 };
 
 #[tokio::main]

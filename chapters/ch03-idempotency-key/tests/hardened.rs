@@ -214,3 +214,22 @@ fn the_chapter_holds_its_claims() {
     assert_eq!(hardened["double_charges"], 0);
     assert_eq!(hardened["lost_events"], 0);
 }
+
+#[test]
+fn the_chapter_holds_its_claims_on_sqs() {
+    let output = Command::new(chapter_binary())
+        .args(["--backend", "sqs", "--messages", "20", "--seed", "3", "--json"])
+        .output()
+        .expect("the chapter binary runs");
+    assert!(
+        output.status.success(),
+        "ch03 on SQS failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let hardened = &report["runs"][1];
+    assert_eq!(hardened["backend"], "sqs");
+    assert_eq!(hardened["double_charges"], 0);
+    assert_eq!(hardened["lost_events"], 0);
+    assert!(hardened["kills"].as_u64().unwrap() > 0);
+}

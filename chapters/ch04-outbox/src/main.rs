@@ -24,6 +24,7 @@ static CHAPTER: Chapter = Chapter {
     id: "ch04",
     title: "the transactional outbox",
     default_messages: 60,
+    backends: chaos_lab::chapter::EVERY_BACKEND,
 };
 
 /// Two relays woken by NOTIFY. A short lease, so that the rows of a relay

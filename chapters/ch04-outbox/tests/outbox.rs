@@ -94,3 +94,22 @@ fn the_chapter_holds_its_claims() {
     assert_eq!(outbox["double_charges"], 0);
     assert!(report["runs"][1]["lost_events"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn the_chapter_holds_its_claims_on_sqs() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ch04-outbox"))
+        .args(["--backend", "sqs", "--messages", "30", "--seed", "9", "--json"])
+        .output()
+        .expect("the chapter binary runs");
+    assert!(
+        output.status.success(),
+        "ch04 on SQS failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let outbox = &report["runs"][2];
+    assert_eq!(outbox["backend"], "sqs");
+    assert_eq!(outbox["lost_events"], 0);
+    assert_eq!(outbox["double_charges"], 0);
+    assert!(report["runs"][1]["lost_events"].as_u64().unwrap() > 0);
+}

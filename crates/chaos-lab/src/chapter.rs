@@ -38,9 +38,9 @@ impl Backend {
 
 #[derive(Debug, Clone, Parser)]
 pub struct ChapterArgs {
-    /// Which broker carries the payment events.
-    #[arg(long, value_enum, default_value = "rabbitmq")]
-    pub backend: Backend,
+    /// Which broker carries the payment events (default: the chapter's own).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
     /// How many orders the shop places (default: the chapter's own).
     #[arg(long)]
     pub messages: Option<usize>,
@@ -60,7 +60,12 @@ pub struct Chapter {
     pub id: &'static str,
     pub title: &'static str,
     pub default_messages: usize,
+    /// The brokers the chapter runs on; the first is its default.
+    pub backends: &'static [Backend],
 }
+
+/// What chapters 1 to 4 run on.
+pub const EVERY_BACKEND: &[Backend] = &[Backend::Rabbitmq, Backend::Sqs];
 
 /// What a chapter's body gets: its settings, and a way to run variants.
 pub struct Lab {
@@ -101,13 +106,23 @@ where
     Fut: Future<Output = anyhow::Result<ChapterReport>>,
 {
     let args = ChapterArgs::parse();
-    let Some(backend) = args.backend.kind() else {
+    let chosen = args.backend.unwrap_or(chapter.backends[0]);
+    let Some(backend) = chosen.kind() else {
         eprintln!(
             "error: the {} backend is not in this build yet; use --backend rabbitmq or --backend sqs",
-            args.backend.name()
+            chosen.name()
         );
         return ExitCode::from(2);
     };
+    if !chapter.backends.contains(&chosen) {
+        let names: Vec<&str> = chapter.backends.iter().map(|b| b.name()).collect();
+        eprintln!(
+            "error: {} runs on {} only (the chapter's page says why)",
+            chapter.id,
+            names.join(" and ")
+        );
+        return ExitCode::from(2);
+    }
     if args.consumers == 0 {
         eprintln!("error: --consumers must be at least 1");
         return ExitCode::from(2);
@@ -118,7 +133,7 @@ where
         "{}: {} — backend {}, {messages} messages, {} consumers, seed {seed} (replay with --seed {seed})",
         chapter.id,
         chapter.title,
-        args.backend.name(),
+        chosen.name(),
         args.consumers
     );
     let lab = Lab {

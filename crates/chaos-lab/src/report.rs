@@ -136,8 +136,18 @@ pub struct ChapterReport {
     pub runs: Vec<RunReport>,
     pub claims: Vec<Claim>,
     pub claims_hold: bool,
+    /// More tables of the same runs, printed under the main one.
+    pub tables: Vec<Table>,
     /// Extra evidence printed under the table: traces, metric scrapes.
     pub sections: Vec<Section>,
+}
+
+/// A titled Markdown table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Table {
+    pub title: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
 }
 
 /// A titled block of lines printed verbatim under the table.
@@ -158,8 +168,24 @@ impl ChapterReport {
             claims_hold: claims.iter().all(|c| c.holds) && runs.iter().all(|r| r.drained),
             runs,
             claims,
+            tables: Vec::new(),
             sections: Vec::new(),
         }
+    }
+
+    /// Adds a table under the main one; columns after the first align right.
+    pub fn with_table(
+        mut self,
+        title: impl Into<String>,
+        header: &[&str],
+        rows: Vec<Vec<String>>,
+    ) -> Self {
+        self.tables.push(Table {
+            title: title.into(),
+            header: header.iter().map(|h| (*h).to_owned()).collect(),
+            rows,
+        });
+        self
     }
 
     /// Adds a block of evidence under the table.
@@ -223,6 +249,17 @@ impl ChapterReport {
             out.push_str("\nDouble charges by the fault planned on the order:\n\n");
             for line in breakdown {
                 out.push_str(&format!("- {line}\n"));
+            }
+        }
+        for table in &self.tables {
+            out.push_str(&format!("\n{}:\n\n", table.title));
+            out.push_str(&format!("| {} |\n", table.header.join(" | ")));
+            let align: Vec<&str> = (0..table.header.len())
+                .map(|i| if i == 0 { "---" } else { "--:" })
+                .collect();
+            out.push_str(&format!("|{}|\n", align.join("|")));
+            for row in &table.rows {
+                out.push_str(&format!("| {} |\n", row.join(" | ")));
             }
         }
         for section in &self.sections {

@@ -72,6 +72,8 @@ pub struct RunConfig {
     /// Whether the consumers dead-letter a message on its last allowed
     /// receive (`maxReceiveCount`) with a reason, where the broker counts.
     pub dead_letter_last_receive: bool,
+    /// Milliseconds the producer waits between orders.
+    pub publish_pace_ms: Option<u64>,
     /// The run's own folder: logs and crash markers.
     pub work_dir: PathBuf,
 }
@@ -316,7 +318,6 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
     let publisher = chaos_publisher(&config, &broker).await?;
     let crashes =
         PlannedProducerCrashes(orders_with(&config, ProducerFault::CrashAfterCommit).collect());
-    publish_poison(&config, &*publisher.inner).await?;
 
     // A restarted producer carries on after the last order it committed,
     // like a web shop that keeps taking orders after a restart. An order
@@ -331,6 +332,9 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
         .iter()
         .filter(|o| !committed.contains(&o.order_id))
     {
+        if let Some(pace) = config.publish_pace_ms {
+            tokio::time::sleep(Duration::from_millis(pace)).await;
+        }
         let order = Order {
             order_id: planned.order_id,
             amount_cents: planned.amount_cents,
@@ -349,12 +353,12 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
             }
         }
     }
+    publish_poison(&config, &*publisher.inner).await?;
     Ok(())
 }
 
-/// Publishes the plan's poison messages, once per run (a restarted producer
-/// does not publish them again), ahead of the orders so that the consumers
-/// meet them while the real orders flow.
+/// Publishes the plan's poison messages after the orders, once per run (a
+/// restarted producer does not publish them again).
 async fn publish_poison(config: &RunConfig, publisher: &dyn Publisher) -> anyhow::Result<()> {
     for (index, poison) in config.plan.poison.iter().enumerate() {
         let marker = config.work_dir.join(format!("poison-{index}"));

@@ -57,6 +57,10 @@ pub struct RunSpec {
     /// Consumers dead-letter a message with a reason on its last allowed
     /// receive, instead of handling it once more.
     pub dead_letter_last_receive: bool,
+    /// The producer waits this long between orders, so that orders arrive
+    /// over time and consumers sit idle between them (as in production),
+    /// free to pick up a message whose visibility timeout ran out.
+    pub publish_pace: Option<Duration>,
 }
 
 impl RunSpec {
@@ -81,6 +85,7 @@ impl RunSpec {
             max_receive_count: 10,
             heartbeat: None,
             dead_letter_last_receive: true,
+            publish_pace: None,
         }
     }
 }
@@ -407,6 +412,7 @@ async fn run_in(
         prefetch: spec.prefetch,
         heartbeat: spec.heartbeat,
         dead_letter_last_receive: spec.dead_letter_last_receive,
+        publish_pace_ms: spec.publish_pace.map(|pace| pace.as_millis() as u64),
         work_dir: work_dir.clone(),
     };
     let config_path = work_dir.join("run-config.json");
@@ -454,7 +460,17 @@ async fn run_in(
         supervisor.start(Role::Producer, 0);
     }
 
-    let progress = Progress::new(spec.variant.name(), spec.plan.orders.len() as u64);
+    // Poison with an order id is settled like an order; count it in.
+    let poison_orders = spec
+        .plan
+        .poison
+        .iter()
+        .filter(|p| matches!(p, crate::plan::Poison::KillsEveryConsumer { .. }))
+        .count();
+    let progress = Progress::new(
+        spec.variant.name(),
+        (spec.plan.orders.len() + poison_orders) as u64,
+    );
     let inspector = broker.inspector(topology);
     let deadline = Instant::now() + spec.deadline;
     let mut tick = tokio::time::interval(Duration::from_millis(250));

@@ -29,6 +29,14 @@ pub struct FaultConfig {
     pub seed: u64,
     /// Longer than any sane client timeout, so a "lost" response is lost.
     pub lost_response_hold: Duration,
+    /// Probability (0..=1) that a request is slow: it sleeps `slow_latency`
+    /// instead of `latency`. The long tail that a lease sized on the typical
+    /// request does not cover.
+    pub slow_rate: f64,
+    pub slow_latency: Duration,
+    /// Orders whose first request is slow, whatever the rate: an exact tail
+    /// for a run that must meet one.
+    pub slow_orders: std::collections::BTreeSet<String>,
 }
 
 impl Default for FaultConfig {
@@ -39,6 +47,9 @@ impl Default for FaultConfig {
             lost_response_rate: 0.0,
             seed: 0,
             lost_response_hold: Duration::from_secs(30),
+            slow_rate: 0.0,
+            slow_latency: Duration::ZERO,
+            slow_orders: Default::default(),
         }
     }
 }
@@ -73,6 +84,23 @@ impl FaultConfig {
     }
 }
 
+impl FaultConfig {
+    /// How long the `n`-th request for `order_id` sleeps before it charges.
+    /// A third draw from the same digest, so the tail does not reshuffle the
+    /// errors and lost responses of a seed.
+    pub fn latency_for(&self, order_id: &str, n: u64) -> Duration {
+        if n == 0 && self.slow_orders.contains(order_id) {
+            return self.slow_latency;
+        }
+        let digest = fault_digest(self.seed, order_id, n);
+        if unit_interval(&digest[16..24]) < self.slow_rate {
+            self.slow_latency
+        } else {
+            self.latency
+        }
+    }
+}
+
 fn fault_digest(seed: u64, order_id: &str, n: u64) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(b"effectively-once/psp/fault/v1");
@@ -97,6 +125,8 @@ pub struct FaultDecision {
     /// Which request for this order this was, counting from 0.
     pub n: u64,
     pub fault: Fault,
+    /// Slept before the charge.
+    pub latency: Duration,
 }
 
 /// The server's fault schedule: the config plus how many requests it has seen
@@ -133,6 +163,7 @@ impl FaultPlan {
         FaultDecision {
             n,
             fault: self.config.fault_for(order_id, n),
+            latency: self.config.latency_for(order_id, n),
         }
     }
 }
@@ -204,6 +235,36 @@ mod tests {
         let a: Vec<Fault> = (0..64).map(|n| config(1).fault_for("o", n)).collect();
         let b: Vec<Fault> = (0..64).map(|n| config(2).fault_for("o", n)).collect();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_slow_tail_takes_its_share_and_leaves_the_faults_alone() {
+        let tail = FaultConfig {
+            latency: Duration::from_millis(10),
+            slow_rate: 0.2,
+            slow_latency: Duration::from_millis(900),
+            ..config(3)
+        };
+        let slow = (0..1000)
+            .filter(|&n| tail.latency_for("o", n) == Duration::from_millis(900))
+            .count();
+        assert!((150..=250).contains(&slow), "{slow} of 1000 slow");
+        for n in 0..100 {
+            assert_eq!(tail.fault_for("o", n), config(3).fault_for("o", n));
+        }
+        assert_eq!(
+            FaultConfig::default().latency_for("o", 0),
+            Duration::ZERO,
+            "no tail unless asked"
+        );
+        let named = FaultConfig {
+            slow_orders: ["o".to_owned()].into(),
+            slow_latency: Duration::from_secs(3),
+            ..FaultConfig::default()
+        };
+        assert_eq!(named.latency_for("o", 0), Duration::from_secs(3));
+        assert_eq!(named.latency_for("o", 1), Duration::ZERO, "the retry is not");
+        assert_eq!(named.latency_for("p", 0), Duration::ZERO);
     }
 
     #[test]

@@ -121,6 +121,9 @@ impl PspConfig {
                     "PSP_LOST_RESPONSE_HOLD_MS",
                     defaults.faults.lost_response_hold,
                 )?,
+                slow_rate: rate("PSP_SLOW_RATE")?,
+                slow_latency: millis("PSP_SLOW_LATENCY_MS", defaults.faults.slow_latency)?,
+                slow_orders: Default::default(),
             },
         })
     }
@@ -418,9 +421,9 @@ async fn execute(
     };
 
     let faults = inner.faults.config();
-    if !faults.latency.is_zero() {
+    if !decision.latency.is_zero() {
         // The key stays claimed while we sleep: a retry now sees 409.
-        tokio::time::sleep(faults.latency).await;
+        tokio::time::sleep(decision.latency).await;
     }
     if decision.fault == Fault::Error {
         tracing::debug!(order_id = %request.order_id, n = decision.n, "injecting a failure");
