@@ -7,8 +7,8 @@ use std::process::Command;
 
 use chaos_lab::plan::{ChaosPlan, FaultMix};
 use chaos_lab::run::{execute, RunSpec};
-use chaos_lab::RunReport;
 use chaos_lab::BackendKind;
+use chaos_lab::RunReport;
 use consumer::Variant;
 
 const MESSAGES: usize = 12;
@@ -30,7 +30,9 @@ async fn run(variant: Variant, mix: FaultMix, seed: u64) -> (ChaosPlan, RunRepor
     let plan = ChaosPlan::generate(seed, MESSAGES, mix);
     let mut spec = RunSpec::new(variant, plan.clone(), 2);
     spec.executable = Some(chapter_binary());
-    let report = execute(&spec, BackendKind::Rabbitmq).await.expect("the run completes");
+    let report = execute(&spec, BackendKind::Rabbitmq)
+        .await
+        .expect("the run completes");
     assert!(report.drained, "the run drained before its deadline");
     (plan, report)
 }
@@ -174,7 +176,15 @@ async fn the_same_seed_replays_the_same_counts() {
 #[test]
 fn on_sqs_the_naive_pipeline_fails_the_same_way() {
     let output = Command::new(chapter_binary())
-        .args(["--backend", "sqs", "--messages", "20", "--seed", "11", "--json"])
+        .args([
+            "--backend",
+            "sqs",
+            "--messages",
+            "20",
+            "--seed",
+            "11",
+            "--json",
+        ])
         .output()
         .expect("the chapter binary runs");
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -40,7 +40,15 @@ fn the_chapter_shows_the_dedup_hit_and_the_gap() {
 #[test]
 fn on_sqs_dedup_catches_the_redelivery_and_leaves_the_same_gap() {
     let output = Command::new(env!("CARGO_BIN_EXE_ch02-insert-first-dedup"))
-        .args(["--backend", "sqs", "--messages", "20", "--seed", "5", "--json"])
+        .args([
+            "--backend",
+            "sqs",
+            "--messages",
+            "20",
+            "--seed",
+            "5",
+            "--json",
+        ])
         .output()
         .expect("the chapter binary runs");
     assert!(

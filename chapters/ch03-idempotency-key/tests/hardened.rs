@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chaos_lab::plan::{ChaosPlan, FaultMix, ProducerFault};
 use chaos_lab::run::{execute, RunSpec};
-use chaos_lab::RunReport;
 use chaos_lab::BackendKind;
+use chaos_lab::RunReport;
 use consumer::crash::CrashPoint;
 use consumer::Variant;
 use psp::FaultConfig;
@@ -22,7 +22,9 @@ fn chapter_binary() -> PathBuf {
 
 async fn run(mut spec: RunSpec) -> RunReport {
     spec.executable = Some(chapter_binary());
-    let report = execute(&spec, BackendKind::Rabbitmq).await.expect("the run completes");
+    let report = execute(&spec, BackendKind::Rabbitmq)
+        .await
+        .expect("the run completes");
     assert!(report.drained, "the run drained before its deadline");
     report
 }
@@ -218,7 +220,15 @@ fn the_chapter_holds_its_claims() {
 #[test]
 fn the_chapter_holds_its_claims_on_sqs() {
     let output = Command::new(chapter_binary())
-        .args(["--backend", "sqs", "--messages", "20", "--seed", "3", "--json"])
+        .args([
+            "--backend",
+            "sqs",
+            "--messages",
+            "20",
+            "--seed",
+            "3",
+            "--json",
+        ])
         .output()
         .expect("the chapter binary runs");
     assert!(

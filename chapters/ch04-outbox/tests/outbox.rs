@@ -8,8 +8,8 @@ use std::time::Duration;
 use chaos_lab::plan::{ChaosPlan, FaultMix};
 use chaos_lab::roles::ProducerKind;
 use chaos_lab::run::{execute, RunSpec};
-use chaos_lab::RunReport;
 use chaos_lab::BackendKind;
+use chaos_lab::RunReport;
 use consumer::Variant;
 use relay::RelayConfig;
 
@@ -19,7 +19,9 @@ async fn run(plan: ChaosPlan, producer: ProducerKind) -> RunReport {
     let mut spec = RunSpec::new(Variant::Hardened, plan, 2);
     spec.producer = producer;
     spec.executable = Some(PathBuf::from(env!("CARGO_BIN_EXE_ch04-outbox")));
-    let report = execute(&spec, BackendKind::Rabbitmq).await.expect("the run completes");
+    let report = execute(&spec, BackendKind::Rabbitmq)
+        .await
+        .expect("the run completes");
     assert!(report.drained, "the run drained before its deadline");
     report
 }
@@ -98,7 +100,15 @@ fn the_chapter_holds_its_claims() {
 #[test]
 fn the_chapter_holds_its_claims_on_sqs() {
     let output = Command::new(env!("CARGO_BIN_EXE_ch04-outbox"))
-        .args(["--backend", "sqs", "--messages", "30", "--seed", "9", "--json"])
+        .args([
+            "--backend",
+            "sqs",
+            "--messages",
+            "30",
+            "--seed",
+            "9",
+            "--json",
+        ])
         .output()
         .expect("the chapter binary runs");
     assert!(

@@ -192,7 +192,10 @@ async fn visibility_timeout(lab: Lab) -> anyhow::Result<ChapterReport> {
                     .order_id
                     .as_deref()
                     .map(|id| format!("order {id}"))
-                    .unwrap_or_else(|| format!("{} bytes, not a payment event", letter.payload_bytes)),
+                    .unwrap_or_else(|| format!(
+                        "{} bytes, not a payment event",
+                        letter.payload_bytes
+                    )),
                 if letter.reason.is_empty() {
                     "(no reason: moved by the redrive policy)"
                 } else {

@@ -36,9 +36,7 @@ fn the_three_scenarios_hold_their_claims() {
 
     let (bare, heartbeat) = (&runs[3], &runs[4]);
     assert!(heartbeat["lease_extensions"].as_u64().unwrap() > 0);
-    assert!(
-        heartbeat["redeliveries"].as_u64().unwrap() < bare["redeliveries"].as_u64().unwrap()
-    );
+    assert!(heartbeat["redeliveries"].as_u64().unwrap() < bare["redeliveries"].as_u64().unwrap());
 
     let poison = &runs[5];
     let reasons: Vec<&str> = poison["dead_letters"]

@@ -26,6 +26,6 @@ pub mod supervisor;
 
 pub use chapter::{Chapter, Lab};
 pub use plan::{ChaosPlan, FaultMix};
-pub use report::{ChapterReport, Claim, RunReport};
 pub use queue::backend::BackendKind;
+pub use report::{ChapterReport, Claim, RunReport};
 pub use roles::Role;

@@ -263,7 +263,11 @@ mod tests {
             ..FaultConfig::default()
         };
         assert_eq!(named.latency_for("o", 0), Duration::from_secs(3));
-        assert_eq!(named.latency_for("o", 1), Duration::ZERO, "the retry is not");
+        assert_eq!(
+            named.latency_for("o", 1),
+            Duration::ZERO,
+            "the retry is not"
+        );
         assert_eq!(named.latency_for("p", 0), Duration::ZERO);
     }
 

@@ -144,7 +144,9 @@ impl Broker {
         prefetch: u16,
     ) -> Result<Box<dyn Receiver>, QueueError> {
         Ok(match self {
-            Broker::Rabbitmq(broker) => Box::new(broker.receiver(&spec.rabbitmq(), prefetch).await?),
+            Broker::Rabbitmq(broker) => {
+                Box::new(broker.receiver(&spec.rabbitmq(), prefetch).await?)
+            }
             Broker::Sqs(broker) => Box::new(
                 broker
                     .receiver(&spec.sqs(), ReceiveSettings::default())

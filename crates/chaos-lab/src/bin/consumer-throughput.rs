@@ -54,10 +54,12 @@ async fn main() -> ExitCode {
 }
 
 async fn benchmark(args: Args) -> anyhow::Result<()> {
-    let backend = args
-        .backend
-        .kind()
-        .ok_or_else(|| anyhow::anyhow!("the {} backend is not in this build yet", args.backend.name()))?;
+    let backend = args.backend.kind().ok_or_else(|| {
+        anyhow::anyhow!(
+            "the {} backend is not in this build yet",
+            args.backend.name()
+        )
+    })?;
     let plan = ChaosPlan::generate(args.seed, args.messages, FaultMix::NONE);
     let spec = |variant| {
         let mut spec = RunSpec::new(variant, plan.clone(), args.consumers);
