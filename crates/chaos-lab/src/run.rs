@@ -351,19 +351,26 @@ pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<Run
         .await
         .context("creating the run's PSP database")?;
     let run_id = shop.name.trim_start_matches("eo_shop_").to_owned();
-    let topology = QueueSpec::new(backend, format!("eo.{run_id}.payments"))
+    let queue_spec = QueueSpec::new(backend, format!("eo.{run_id}.payments"))
         .with_visibility_timeout(spec.visibility_timeout)
         .with_max_receive_count(spec.max_receive_count);
     let broker = Broker::connect(backend).await?;
     let work_dir = std::env::temp_dir().join(format!("effectively-once-{run_id}"));
 
     let result = run_in(
-        spec, backend, &shop, &psp_db, &broker, &topology, &work_dir, started,
+        spec,
+        backend,
+        &shop,
+        &psp_db,
+        &broker,
+        &queue_spec,
+        &work_dir,
+        started,
     )
     .await;
 
     // Clean up whatever happened; keep the logs if the run failed.
-    let _ = broker.delete(&topology).await;
+    let _ = broker.delete(&queue_spec).await;
     let _ = shop.drop_database().await;
     let _ = psp_db.drop_database().await;
     if result.is_ok() {
@@ -381,7 +388,7 @@ async fn run_in(
     shop: &FreshDatabase,
     psp_db: &FreshDatabase,
     broker: &Broker,
-    topology: &QueueSpec,
+    queue_spec: &QueueSpec,
     work_dir: &PathBuf,
     started: Instant,
 ) -> anyhow::Result<RunReport> {
@@ -396,7 +403,7 @@ async fn run_in(
     let psp = psp::server::PspServer::start(psp_db.pool.clone(), psp_config, "127.0.0.1:0")
         .await
         .context("starting the PSP")?;
-    broker.declare(topology).await?;
+    broker.declare(queue_spec).await?;
 
     std::fs::create_dir_all(work_dir)?;
     let config = RunConfig {
@@ -408,7 +415,7 @@ async fn run_in(
         psp_base_url: psp.base_url(),
         psp_api_key: api_key,
         psp_timeout_ms: spec.psp_timeout.as_millis() as u64,
-        queue: topology.clone(),
+        queue: queue_spec.clone(),
         prefetch: spec.prefetch,
         heartbeat: spec.heartbeat,
         dead_letter_last_receive: spec.dead_letter_last_receive,
@@ -471,7 +478,7 @@ async fn run_in(
         spec.variant.name(),
         (spec.plan.orders.len() + poison_orders) as u64,
     );
-    let inspector = broker.inspector(topology);
+    let inspector = broker.inspector(queue_spec);
     let deadline = Instant::now() + spec.deadline;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let outcome: Result<bool, String> = loop {
@@ -557,8 +564,8 @@ async fn run_in(
             _ => 0.0,
         },
         visibility_timeout_ms: (backend == BackendKind::Sqs)
-            .then_some(topology.visibility_timeout_ms),
-        max_receive_count: (backend == BackendKind::Sqs).then_some(topology.max_receive_count),
+            .then_some(queue_spec.visibility_timeout_ms),
+        max_receive_count: (backend == BackendKind::Sqs).then_some(queue_spec.max_receive_count),
         heartbeat: spec.heartbeat.is_some(),
         settled_late: tally.settled_late,
         lease_extensions: tally.lease_extensions,
