@@ -175,21 +175,10 @@ async fn the_same_seed_replays_the_same_counts() {
 
 #[test]
 fn on_sqs_the_naive_pipeline_fails_the_same_way() {
-    let output = Command::new(chapter_binary())
-        .args([
-            "--backend",
-            "sqs",
-            "--messages",
-            "20",
-            "--seed",
-            "11",
-            "--json",
-        ])
-        .output()
-        .expect("the chapter binary runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "ch01 on SQS failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = chaos_lab::chapter::run_for_test(
+        env!("CARGO_BIN_EXE_ch01-reproduce-duplicates"),
+        &["--backend", "sqs", "--messages", "20", "--seed", "11"],
+    );
     let naive = &report["runs"][0];
     assert_eq!(naive["backend"], "sqs");
     assert!(naive["double_charges"].as_u64().unwrap() > 0);

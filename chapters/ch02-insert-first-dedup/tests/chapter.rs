@@ -1,19 +1,10 @@
 //! Chapter 2's promises, from the real binary with real processes.
 
-use std::process::Command;
+const CHAPTER: &str = env!("CARGO_BIN_EXE_ch02-insert-first-dedup");
 
 #[test]
 fn the_chapter_shows_the_dedup_hit_and_the_gap() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ch02-insert-first-dedup"))
-        .args(["--messages", "20", "--seed", "5", "--json"])
-        .output()
-        .expect("the chapter binary runs");
-    assert!(
-        output.status.success(),
-        "ch02 failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = chaos_lab::chapter::run_for_test(CHAPTER, &["--messages", "20", "--seed", "5"]);
     let demo = &report["runs"][0];
     assert_eq!(demo["dedup_hits"], 1);
     assert_eq!(demo["double_charges"], 0);
@@ -39,24 +30,10 @@ fn the_chapter_shows_the_dedup_hit_and_the_gap() {
 
 #[test]
 fn on_sqs_dedup_catches_the_redelivery_and_leaves_the_same_gap() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ch02-insert-first-dedup"))
-        .args([
-            "--backend",
-            "sqs",
-            "--messages",
-            "20",
-            "--seed",
-            "5",
-            "--json",
-        ])
-        .output()
-        .expect("the chapter binary runs");
-    assert!(
-        output.status.success(),
-        "ch02 on SQS failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let report = chaos_lab::chapter::run_for_test(
+        CHAPTER,
+        &["--backend", "sqs", "--messages", "20", "--seed", "5"],
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["backend"], "sqs");
     assert_eq!(report["runs"][0]["dedup_hits"], 1);
     assert_eq!(report["claims_hold"], true);

@@ -3,7 +3,6 @@
 //! has its own databases and queue.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use chaos_lab::plan::{ChaosPlan, FaultMix, ProducerFault};
@@ -201,45 +200,16 @@ async fn lost_responses_are_retried_with_the_key_and_charged_once() {
 
 #[test]
 fn the_chapter_holds_its_claims() {
-    let output = Command::new(chapter_binary())
-        .args(["--messages", "20", "--seed", "3", "--json"])
-        .output()
-        .expect("the chapter binary runs");
-    assert!(
-        output.status.success(),
-        "ch03 failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let hardened = &report["runs"][1];
-    assert_eq!(hardened["variant"], "dedup-with-key");
-    assert_eq!(hardened["double_charges"], 0);
-    assert_eq!(hardened["lost_events"], 0);
-}
-
-#[test]
-fn the_chapter_holds_its_claims_on_sqs() {
-    let output = Command::new(chapter_binary())
-        .args([
-            "--backend",
-            "sqs",
-            "--messages",
-            "20",
-            "--seed",
-            "3",
-            "--json",
-        ])
-        .output()
-        .expect("the chapter binary runs");
-    assert!(
-        output.status.success(),
-        "ch03 on SQS failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let hardened = &report["runs"][1];
-    assert_eq!(hardened["backend"], "sqs");
-    assert_eq!(hardened["double_charges"], 0);
-    assert_eq!(hardened["lost_events"], 0);
-    assert!(hardened["kills"].as_u64().unwrap() > 0);
+    for backend in ["rabbitmq", "sqs"] {
+        let report = chaos_lab::chapter::run_for_test(
+            env!("CARGO_BIN_EXE_ch03-idempotency-key"),
+            &["--backend", backend, "--messages", "20", "--seed", "3"],
+        );
+        let hardened = &report["runs"][1];
+        assert_eq!(hardened["backend"], backend);
+        assert_eq!(hardened["variant"], "dedup-with-key");
+        assert_eq!(hardened["double_charges"], 0);
+        assert_eq!(hardened["lost_events"], 0);
+        assert!(hardened["kills"].as_u64().unwrap() > 0);
+    }
 }

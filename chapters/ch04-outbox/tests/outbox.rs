@@ -2,7 +2,6 @@
 //! producer, relays and consumers, SIGKILLed where the plan says.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use chaos_lab::plan::{ChaosPlan, FaultMix};
@@ -81,45 +80,15 @@ async fn a_relay_killed_between_publish_and_mark_republishes_and_the_consumer_ab
 
 #[test]
 fn the_chapter_holds_its_claims() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ch04-outbox"))
-        .args(["--messages", "30", "--seed", "9", "--json"])
-        .output()
-        .expect("the chapter binary runs");
-    assert!(
-        output.status.success(),
-        "ch04 failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let outbox = &report["runs"][2];
-    assert_eq!(outbox["lost_events"], 0);
-    assert_eq!(outbox["double_charges"], 0);
-    assert!(report["runs"][1]["lost_events"].as_u64().unwrap() > 0);
-}
-
-#[test]
-fn the_chapter_holds_its_claims_on_sqs() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ch04-outbox"))
-        .args([
-            "--backend",
-            "sqs",
-            "--messages",
-            "30",
-            "--seed",
-            "9",
-            "--json",
-        ])
-        .output()
-        .expect("the chapter binary runs");
-    assert!(
-        output.status.success(),
-        "ch04 on SQS failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let outbox = &report["runs"][2];
-    assert_eq!(outbox["backend"], "sqs");
-    assert_eq!(outbox["lost_events"], 0);
-    assert_eq!(outbox["double_charges"], 0);
-    assert!(report["runs"][1]["lost_events"].as_u64().unwrap() > 0);
+    for backend in ["rabbitmq", "sqs"] {
+        let report = chaos_lab::chapter::run_for_test(
+            env!("CARGO_BIN_EXE_ch04-outbox"),
+            &["--backend", backend, "--messages", "30", "--seed", "9"],
+        );
+        let outbox = &report["runs"][2];
+        assert_eq!(outbox["backend"], backend);
+        assert_eq!(outbox["lost_events"], 0);
+        assert_eq!(outbox["double_charges"], 0);
+        assert!(report["runs"][1]["lost_events"].as_u64().unwrap() > 0);
+    }
 }

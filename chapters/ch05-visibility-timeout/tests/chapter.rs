@@ -3,22 +3,12 @@
 
 use std::process::Command;
 
-fn chapter() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ch05-visibility-timeout"))
-}
-
 #[test]
 fn the_three_scenarios_hold_their_claims() {
-    let output = chapter()
-        .args(["--messages", "10", "--seed", "7", "--json"])
-        .output()
-        .expect("the chapter binary runs");
-    assert!(
-        output.status.success(),
-        "ch05 failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let report = chaos_lab::chapter::run_for_test(
+        env!("CARGO_BIN_EXE_ch05-visibility-timeout"),
+        &["--messages", "10", "--seed", "7"],
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 6);
     assert!(runs.iter().all(|run| run["backend"] == "sqs"));
@@ -54,7 +44,7 @@ fn the_three_scenarios_hold_their_claims() {
 
 #[test]
 fn rabbitmq_is_refused_with_the_reason() {
-    let output = chapter()
+    let output = Command::new(env!("CARGO_BIN_EXE_ch05-visibility-timeout"))
         .args(["--backend", "rabbitmq"])
         .output()
         .expect("the chapter binary runs");

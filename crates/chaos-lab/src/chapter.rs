@@ -168,3 +168,23 @@ where
         ExitCode::from(1)
     }
 }
+
+/// Runs a chapter's binary with `args` and `--json`, as a reader would, and
+/// returns its report. For the chapters' tests: panics with the chapter's
+/// stderr when it exits non-zero (a claim failed, or the run could not be
+/// carried out).
+pub fn run_for_test(binary: &str, args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(binary)
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap_or_else(|error| panic!("starting {binary}: {error}"));
+    assert!(
+        output.status.success(),
+        "{binary} {} exited with {}:\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
+}

@@ -194,26 +194,32 @@ impl Inspector {
     /// Up to `max` dead letters (at most 10 on SQS), left where they are.
     pub async fn peek_dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         Ok(match self {
-            Inspector::Rabbitmq(inspector) => inspector
-                .peek_dead_letters(max)
-                .await?
-                .into_iter()
-                .map(|letter| DeadLetter {
-                    reason: letter.reason,
-                    payload: letter.payload,
-                    receive_count: None,
-                })
-                .collect(),
-            Inspector::Sqs(inspector) => inspector
-                .peek_dead_letters(max)
-                .await?
-                .into_iter()
-                .map(|letter| DeadLetter {
-                    reason: letter.reason,
-                    payload: letter.payload,
-                    receive_count: letter.receive_count,
-                })
-                .collect(),
+            Inspector::Rabbitmq(inspector) => into_all(inspector.peek_dead_letters(max).await?),
+            Inspector::Sqs(inspector) => into_all(inspector.peek_dead_letters(max).await?),
         })
+    }
+}
+
+fn into_all<T: Into<DeadLetter>>(letters: Vec<T>) -> Vec<DeadLetter> {
+    letters.into_iter().map(Into::into).collect()
+}
+
+impl From<rabbitmq::DeadLetter> for DeadLetter {
+    fn from(letter: rabbitmq::DeadLetter) -> Self {
+        Self {
+            reason: letter.reason,
+            payload: letter.payload,
+            receive_count: None,
+        }
+    }
+}
+
+impl From<sqs::DeadLetter> for DeadLetter {
+    fn from(letter: sqs::DeadLetter) -> Self {
+        Self {
+            reason: letter.reason,
+            payload: letter.payload,
+            receive_count: letter.receive_count,
+        }
     }
 }
