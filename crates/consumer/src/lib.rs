@@ -10,6 +10,16 @@
 //! - [`observe`]: the line protocol a consumer process uses to tell its
 //!   supervisor what it received and how each delivery ended.
 //!
+//! # Leases (chapter 5)
+//!
+//! [`PaymentConsumer::handle`] wraps every variant in the same shell: a
+//! settle that arrives after the broker's lease ran out is counted, not
+//! fatal ([`QueueError::LeaseExpired`]: the newer delivery settles the
+//! message, and the dedup row decides whether it charges); an optional
+//! [`Heartbeat`] extends the lease while the handler works; and the last
+//! receive the queue allows is dead-lettered with a reason instead of being
+//! handled once more.
+//!
 //! The consumer never trusts its own view of what was charged: the PSP's
 //! ledger is the ground truth, and the chaos lab audits against it.
 
