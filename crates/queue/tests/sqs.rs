@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use queue::sqs::{ReceiveSettings, SqsBroker, SqsSettings, SqsTopology};
+use queue::sqs::{ReceiveSettings, SqsBroker, SqsReceiver, SqsSettings, SqsTopology};
 use queue::{Delivery, OutgoingMessage, Publisher, QueueError, QueueInspector, Receipt, Receiver};
 
 /// How long a test waits for something that should arrive promptly.
@@ -51,6 +51,25 @@ impl TestQueue {
         };
         broker.declare(&this.topology).await.expect("declare");
         this
+    }
+
+    /// Publishes one message; the test fails if SQS does not take it.
+    async fn publish(&self, broker: &SqsBroker, message: &OutgoingMessage) {
+        broker
+            .publisher(&self.topology)
+            .await
+            .expect("publisher")
+            .publish(message)
+            .await
+            .expect("a 200 from SendMessage");
+    }
+
+    /// A receiver with the queue's own visibility timeout.
+    async fn receiver(&self, broker: &SqsBroker) -> SqsReceiver {
+        broker
+            .receiver(&self.topology, ReceiveSettings::default())
+            .await
+            .expect("receiver")
     }
 
     async fn delete(mut self) {
@@ -123,10 +142,7 @@ async fn published_message_is_received_once_and_gone_after_ack() {
         .expect("a 200 from SendMessage");
     assert_eq!(counts(&inspector).await, (1, 0, 0));
 
-    let mut receiver = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    let mut receiver = queue.receiver(&broker).await;
     let delivery = receive_one(&mut receiver, ARRIVES).await;
     assert_eq!(delivery.payload, br#"{"order":1}"#);
     assert_eq!(delivery.message_id.as_deref(), Some("m-1"));
@@ -146,21 +162,9 @@ async fn published_message_is_received_once_and_gone_after_ack() {
 async fn an_unacked_message_comes_back_when_the_visibility_timeout_runs_out() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, ONE_SECOND, 5).await;
-    broker
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-2", "slow"))
-        .await
-        .unwrap();
-    let mut first_consumer = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
-    let mut second_consumer = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    queue.publish(&broker, &message("m-2", "slow")).await;
+    let mut first_consumer = queue.receiver(&broker).await;
+    let mut second_consumer = queue.receiver(&broker).await;
 
     let first = receive_one(&mut first_consumer, ARRIVES).await;
     let received_at = Instant::now();
@@ -212,17 +216,8 @@ async fn an_unacked_message_comes_back_when_the_visibility_timeout_runs_out() {
 async fn requeue_makes_the_message_visible_at_once() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, LONG, 5).await;
-    broker
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-3", "again"))
-        .await
-        .unwrap();
-    let mut receiver = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    queue.publish(&broker, &message("m-3", "again")).await;
+    let mut receiver = queue.receiver(&broker).await;
     let first = receive_one(&mut receiver, ARRIVES).await;
     receiver.requeue(&first).await.expect("requeue");
 
@@ -239,21 +234,9 @@ async fn requeue_makes_the_message_visible_at_once() {
 async fn extend_lease_keeps_the_message_hidden_past_the_original_timeout() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, ONE_SECOND, 5).await;
-    broker
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-4", "long job"))
-        .await
-        .unwrap();
-    let mut worker = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
-    let mut other = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    queue.publish(&broker, &message("m-4", "long job")).await;
+    let mut worker = queue.receiver(&broker).await;
+    let mut other = queue.receiver(&broker).await;
     let delivery = receive_one(&mut worker, ARRIVES).await;
     let received_at = Instant::now();
     worker
@@ -281,13 +264,9 @@ async fn extend_lease_keeps_the_message_hidden_past_the_original_timeout() {
 async fn receive_settings_override_the_queue_visibility_timeout() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, LONG, 5).await;
-    broker
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-4b", "short lease"))
-        .await
-        .unwrap();
+    queue
+        .publish(&broker, &message("m-4b", "short lease"))
+        .await;
     let mut short = broker
         .receiver(
             &queue.topology,
@@ -320,10 +299,7 @@ async fn batches_are_received_ten_at_a_time_and_deleted_in_batches() {
     let inspector = broker.inspector(&queue.topology);
     assert_eq!(counts(&inspector).await, (15, 0, 0));
 
-    let mut receiver = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    let mut receiver = queue.receiver(&broker).await;
     let mut held = receiver.receive(100, ARRIVES).await.unwrap();
     assert!(
         (1..=10).contains(&held.len()),
@@ -364,17 +340,8 @@ async fn the_redrive_policy_moves_a_message_to_the_dlq_after_max_receives() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, ONE_SECOND, 2).await;
     let inspector = broker.inspector(&queue.topology);
-    broker
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-6", "never acked"))
-        .await
-        .unwrap();
-    let mut receiver = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    queue.publish(&broker, &message("m-6", "never acked")).await;
+    let mut receiver = queue.receiver(&broker).await;
 
     let first = receive_one(&mut receiver, ARRIVES).await;
     assert_eq!(first.delivery_count, Some(1));
@@ -406,17 +373,8 @@ async fn dead_lettered_message_moves_to_the_dlq_with_its_reason() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, LONG, 5).await;
     let inspector = broker.inspector(&queue.topology);
-    broker
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-7", "poison"))
-        .await
-        .unwrap();
-    let mut receiver = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    queue.publish(&broker, &message("m-7", "poison")).await;
+    let mut receiver = queue.receiver(&broker).await;
     let delivery = receive_one(&mut receiver, ARRIVES).await;
     receiver
         .dead_letter(&delivery, "amount is negative")
@@ -442,17 +400,10 @@ async fn dead_lettered_message_moves_to_the_dlq_with_its_reason() {
 async fn dead_letter_without_a_dlq_fails_and_keeps_the_message() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, LONG, 5).await;
-    broker
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-8", "nowhere to go"))
-        .await
-        .unwrap();
-    let mut receiver = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    queue
+        .publish(&broker, &message("m-8", "nowhere to go"))
+        .await;
+    let mut receiver = queue.receiver(&broker).await;
     let delivery = receive_one(&mut receiver, ARRIVES).await;
 
     // Misconfiguration: the DLQ is gone. The copy fails, so the original
@@ -502,13 +453,7 @@ async fn dead_letter_without_a_dlq_fails_and_keeps_the_message() {
 async fn declaring_twice_is_harmless_and_a_different_timeout_is_refused() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, LONG, 5).await;
-    broker
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-9", "kept"))
-        .await
-        .unwrap();
+    queue.publish(&broker, &message("m-9", "kept")).await;
     broker
         .declare(&queue.topology)
         .await
@@ -533,10 +478,7 @@ async fn declaring_twice_is_harmless_and_a_different_timeout_is_refused() {
 async fn receive_on_an_empty_queue_long_polls_for_the_rounded_up_wait() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, LONG, 5).await;
-    let mut receiver = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    let mut receiver = queue.receiver(&broker).await;
     // 300 ms is rounded up to SQS's whole second.
     let started = Instant::now();
     let batch = receiver
@@ -625,10 +567,7 @@ async fn a_closed_port_says_how_to_start_the_broker() {
 async fn settling_with_a_foreign_receipt_is_refused() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker, LONG, 5).await;
-    let mut receiver = broker
-        .receiver(&queue.topology, ReceiveSettings::default())
-        .await
-        .unwrap();
+    let mut receiver = queue.receiver(&broker).await;
     let foreign = Delivery {
         payload: b"x".to_vec(),
         message_id: None,
