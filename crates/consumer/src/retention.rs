@@ -20,7 +20,6 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,33 +65,7 @@ impl Default for RetentionPolicy {
 }
 
 /// What one [`delete_expired`] run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CleanupReport {
-    pub rows_deleted: u64,
-    /// DELETE statements run, each its own transaction. The last one is the
-    /// one that found fewer than `batch_size` rows (possibly none), so an
-    /// empty table still takes one batch.
-    pub batches: u32,
-    /// Rows processed before this instant (database clock) were eligible.
-    pub cutoff: DateTime<Utc>,
-    pub elapsed: Duration,
-}
-
-impl CleanupReport {
-    pub fn rows_per_second(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.rows_deleted as f64 / secs
-        } else {
-            0.0
-        }
-    }
-}
-
-/// The cutoff, computed once, on the database's clock: `processed_at` is
-/// written by the database's `now()`, so the application's clock (which may
-/// be skewed) must not decide which rows are old enough.
-const CUTOFF: &str = "SELECT now() - make_interval(secs => $1)";
+pub use databases::cleanup::CleanupReport;
 
 /// One batch: the oldest `$2` rows before the cutoff, found through the
 /// `processed_at` index, then deleted by primary key.
@@ -135,10 +108,7 @@ pub async fn delete_expired(pool: &PgPool, policy: &RetentionPolicy) -> Result<C
         return Err(RetentionError::ZeroWindow);
     }
     let started = Instant::now();
-    let cutoff: DateTime<Utc> = sqlx::query_scalar(CUTOFF)
-        .bind(policy.window.as_secs_f64())
-        .fetch_one(pool)
-        .await?;
+    let cutoff = databases::cleanup::cutoff(pool, policy.window).await?;
 
     let mut rows_deleted = 0u64;
     let mut batches = 0u32;

@@ -6,10 +6,13 @@
 //!   with a loopback default that matches `scripts/services-up`.
 //! - [`FreshDatabase`]: a database created for one run or one test and named
 //!   after it, so that no two runs or tests ever share rows.
+//! - [`cleanup`]: the cutoff and the report that both batched cleanups share.
 //!
 //! Every chapter run creates its own shop database and its own PSP database:
 //! the PSP is another company's system and never shares a database with the
 //! shop.
+
+pub mod cleanup;
 
 use std::time::Duration;
 

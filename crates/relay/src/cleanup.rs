@@ -13,7 +13,6 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,32 +29,7 @@ pub const DEFAULT_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_BATCH_SIZE: i64 = 5000;
 
 /// What one [`delete_sent`] run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CleanupReport {
-    pub rows_deleted: u64,
-    /// DELETE statements run, each its own transaction. The last one found
-    /// fewer than the batch size (possibly none), so an outbox with nothing
-    /// to delete still takes one batch.
-    pub batches: u32,
-    /// Rows sent before this instant (database clock) were deleted.
-    pub cutoff: DateTime<Utc>,
-    pub elapsed: Duration,
-}
-
-impl CleanupReport {
-    pub fn rows_per_second(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.rows_deleted as f64 / secs
-        } else {
-            0.0
-        }
-    }
-}
-
-/// The cutoff, once, on the database's clock: `sent_at` is written by the
-/// database's `now()`, so the application's clock must not decide.
-const CUTOFF: &str = "SELECT now() - make_interval(secs => $1)";
+pub use databases::cleanup::CleanupReport;
 
 // ANCHOR: delete_batch
 /// One batch: the next `$2` sent rows before the cutoff, in id order after
@@ -108,10 +82,7 @@ pub async fn delete_sent(
         return Err(CleanupError::BatchSize(batch_size));
     }
     let started = Instant::now();
-    let cutoff: DateTime<Utc> = sqlx::query_scalar(CUTOFF)
-        .bind(window.as_secs_f64())
-        .fetch_one(pool)
-        .await?;
+    let cutoff = databases::cleanup::cutoff(pool, window).await?;
 
     let mut rows_deleted = 0u64;
     let mut batches = 0u32;
