@@ -8,9 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::routing::get;
-use axum::Router;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::observe::Outcome;
 
@@ -32,47 +30,21 @@ const PROCESSING_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("installing the Prometheus recorder: {0}")]
-    Install(String),
-    #[error("binding the metrics endpoint on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
-}
+pub use telemetry::MetricsError;
 
 /// Installs the process-wide Prometheus recorder. Call once per process.
 pub fn install_recorder() -> Result<PrometheusHandle, MetricsError> {
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(PROCESSING_SECONDS.to_owned()),
-            &PROCESSING_BUCKETS,
-        )
-        .map_err(|e| MetricsError::Install(e.to_string()))?
-        .install_recorder()
-        .map_err(|e| MetricsError::Install(e.to_string()))
+    telemetry::install_recorder(&[(PROCESSING_SECONDS, &PROCESSING_BUCKETS)])
 }
 
 /// Serves `GET /metrics` on `addr` (port 0 picks one) and returns the
 /// address it bound.
 pub async fn serve(handle: PrometheusHandle, addr: &str) -> Result<SocketAddr, MetricsError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind {
-            addr: addr.to_owned(),
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| MetricsError::Bind {
-        addr: addr.to_owned(),
-        source,
-    })?;
-    let app = Router::new().route("/metrics", get(move || async move { handle.render() }));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(bound)
+    telemetry::serve(addr, move || {
+        let handle = handle.clone();
+        async move { handle.render() }
+    })
+    .await
 }
 
 /// Records one delivery's life. The rate is kept here because Prometheus

@@ -7,9 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use axum::routing::get;
-use axum::Router;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
 use crate::outbox::{self, OutboxRow};
@@ -26,23 +24,10 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 ];
 
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("installing the Prometheus recorder: {0}")]
-    Install(String),
-    #[error("binding the metrics endpoint on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
-}
+pub use telemetry::MetricsError;
 
 pub fn install_recorder() -> Result<PrometheusHandle, MetricsError> {
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(PUBLISH_LATENCY.to_owned()), &LATENCY_BUCKETS)
-        .map_err(|e| MetricsError::Install(e.to_string()))?
-        .install_recorder()
-        .map_err(|e| MetricsError::Install(e.to_string()))
+    telemetry::install_recorder(&[(PUBLISH_LATENCY, &LATENCY_BUCKETS)])
 }
 
 /// Serves `GET /metrics` on `addr`, refreshing the backlog gauges per scrape.
@@ -51,34 +36,18 @@ pub async fn serve(
     pool: PgPool,
     addr: &str,
 ) -> Result<SocketAddr, MetricsError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind {
-            addr: addr.to_owned(),
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| MetricsError::Bind {
-        addr: addr.to_owned(),
-        source,
-    })?;
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let handle = handle.clone();
-            let pool = pool.clone();
-            async move {
-                if let Ok(backlog) = outbox::backlog(&pool).await {
-                    metrics::gauge!(PENDING).set(backlog.pending as f64);
-                    metrics::gauge!(OLDEST_PENDING_AGE).set(backlog.oldest_age_seconds);
-                }
-                handle.render()
+    telemetry::serve(addr, move || {
+        let handle = handle.clone();
+        let pool = pool.clone();
+        async move {
+            if let Ok(backlog) = outbox::backlog(&pool).await {
+                metrics::gauge!(PENDING).set(backlog.pending as f64);
+                metrics::gauge!(OLDEST_PENDING_AGE).set(backlog.oldest_age_seconds);
             }
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(bound)
+            handle.render()
+        }
+    })
+    .await
 }
 
 /// One SQL statement sent by the relay loop (the benchmark compares these).
