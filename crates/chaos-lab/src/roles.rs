@@ -69,9 +69,6 @@ pub struct RunConfig {
     pub prefetch: u16,
     /// The consumers' visibility heartbeat, if they keep one.
     pub heartbeat: Option<consumer::Heartbeat>,
-    /// Whether the consumers dead-letter a message on its last allowed
-    /// receive (`maxReceiveCount`) with a reason, where the broker counts.
-    pub dead_letter_last_receive: bool,
     /// Milliseconds the producer waits between orders.
     pub publish_pace_ms: Option<u64>,
     /// The run's own folder: logs and crash markers.
@@ -209,9 +206,9 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
         requeue_delay: Duration::from_millis(200),
         metrics: Default::default(),
         heartbeat: config.heartbeat,
-        max_receives: config
-            .dead_letter_last_receive
-            .then_some(config.queue.max_receive_count),
+        // Where the broker counts receives (SQS), the last one it allows is
+        // dead-lettered with a reason; elsewhere this never fires.
+        max_receives: Some(config.queue.max_receive_count),
     };
     // Metrics first, so the supervisor learns where to scrape before any
     // delivery is counted.

@@ -54,9 +54,6 @@ pub struct RunSpec {
     pub max_receive_count: u32,
     /// The consumers' visibility heartbeat (SQS), if any.
     pub heartbeat: Option<consumer::Heartbeat>,
-    /// Consumers dead-letter a message with a reason on its last allowed
-    /// receive, instead of handling it once more.
-    pub dead_letter_last_receive: bool,
     /// The producer waits this long between orders, so that orders arrive
     /// over time and consumers sit idle between them (as in production),
     /// free to pick up a message whose visibility timeout ran out.
@@ -84,7 +81,6 @@ impl RunSpec {
             visibility_timeout: Duration::from_secs(2),
             max_receive_count: 10,
             heartbeat: None,
-            dead_letter_last_receive: true,
             publish_pace: None,
         }
     }
@@ -418,7 +414,6 @@ async fn run_in(
         queue: queue_spec.clone(),
         prefetch: spec.prefetch,
         heartbeat: spec.heartbeat,
-        dead_letter_last_receive: spec.dead_letter_last_receive,
         publish_pace_ms: spec.publish_pace.map(|pace| pace.as_millis() as u64),
         work_dir: work_dir.clone(),
     };
@@ -580,13 +575,9 @@ async fn run_in(
 
 /// The `q` quantile (nearest rank) of `values`, 0 when there are none.
 fn percentile(values: &[u64], q: f64) -> u64 {
-    if values.is_empty() {
-        return 0;
-    }
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+    telemetry::nearest_rank(&sorted, q).unwrap_or(0)
 }
 
 /// What sits in the dead-letter queue at the end (up to 10), decoded where

@@ -178,9 +178,7 @@ impl Inspector {
     pub async fn is_empty(&self) -> Result<bool, QueueError> {
         Ok(match self {
             Inspector::Rabbitmq(inspector) => inspector.ready_count().await? == 0,
-            Inspector::Sqs(inspector) => {
-                inspector.ready_count().await? == 0 && inspector.in_flight().await? == 0
-            }
+            Inspector::Sqs(inspector) => inspector.is_empty().await?,
         })
     }
 

@@ -917,6 +917,13 @@ impl SqsInspector {
         Ok(self.counts(&self.topology.queue).await?.in_flight)
     }
 
+    /// Nothing visible and nothing in flight, from one look: what a drained
+    /// run needs on SQS.
+    pub async fn is_empty(&self) -> Result<bool, QueueError> {
+        let counts = self.counts(&self.topology.queue).await?;
+        Ok(counts.visible == 0 && counts.in_flight == 0)
+    }
+
     /// Up to `max` (at most 10: one receive) reasons and payloads from the
     /// DLQ, without hiding them: they are received with a visibility timeout
     /// of 0, so they stay visible and are seen again by the next peek.

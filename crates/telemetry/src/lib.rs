@@ -56,3 +56,27 @@ where
     });
     Ok(bound)
 }
+
+/// The `q` quantile (0 to 1) of `sorted` by nearest rank: the smallest
+/// sample with at least `q` of the samples at or below it. `None` when there
+/// are no samples.
+pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest_rank;
+
+    #[test]
+    fn nearest_rank_picks_a_sample() {
+        let samples: Vec<u32> = (1..=100).collect();
+        assert_eq!(nearest_rank(&samples, 0.50), Some(50));
+        assert_eq!(nearest_rank(&samples, 0.99), Some(99));
+        assert_eq!(nearest_rank(&samples, 1.0), Some(100));
+        assert_eq!(nearest_rank(&samples, 0.0), Some(1));
+        assert_eq!(nearest_rank(&[7], 0.99), Some(7));
+        assert_eq!(nearest_rank::<u32>(&[], 0.5), None);
+    }
+}

@@ -412,20 +412,11 @@ impl Latencies {
         sorted.sort();
         Self {
             count: sorted.len(),
-            p50: percentile(&sorted, 0.50),
-            p99: percentile(&sorted, 0.99),
+            p50: telemetry::nearest_rank(&sorted, 0.50).unwrap_or_default(),
+            p99: telemetry::nearest_rank(&sorted, 0.99).unwrap_or_default(),
             max: sorted.last().copied().unwrap_or_default(),
         }
     }
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 struct Measurement {

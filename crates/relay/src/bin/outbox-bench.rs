@@ -1166,11 +1166,7 @@ fn print_goals(lines: &[String]) {
 
 /// Nearest-rank quantile of sorted values; NaN when there are none.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    telemetry::nearest_rank(sorted, q).unwrap_or(f64::NAN)
 }
 
 fn ms(value: f64) -> String {
