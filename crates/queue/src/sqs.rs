@@ -459,6 +459,25 @@ impl SqsBroker {
         })
     }
 
+    /// Hides a received message for `seconds` from now
+    /// (`ChangeMessageVisibility`; 0 makes it visible at once).
+    async fn change_visibility(
+        &self,
+        queue_url: &str,
+        delivery: &Delivery,
+        seconds: i32,
+    ) -> Result<(), QueueError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(queue_url)
+            .receipt_handle(SqsReceiver::receipt_handle(delivery)?)
+            .visibility_timeout(seconds)
+            .send()
+            .await
+            .map_err(|e| self.error("ChangeMessageVisibility", e))?;
+        Ok(())
+    }
+
     /// Looks at the queue and its DLQ from the outside. Resolves the queue
     /// URLs on each look, so it may be made before [`SqsBroker::declare`].
     pub fn inspector(&self, topology: &SqsTopology) -> SqsInspector {
@@ -703,15 +722,8 @@ impl SqsReceiver {
 
     async fn change_visibility(&self, delivery: &Delivery, seconds: i32) -> Result<(), QueueError> {
         self.broker
-            .client
-            .change_message_visibility()
-            .queue_url(&self.queue_url)
-            .receipt_handle(Self::receipt_handle(delivery)?)
-            .visibility_timeout(seconds)
-            .send()
+            .change_visibility(&self.queue_url, delivery, seconds)
             .await
-            .map_err(|e| self.broker.error("ChangeMessageVisibility", e))?;
-        Ok(())
     }
 
     async fn delete(&self, delivery: &Delivery) -> Result<(), QueueError> {
@@ -768,15 +780,8 @@ struct SqsLeaseKeeper {
 impl crate::LeaseKeeper for SqsLeaseKeeper {
     async fn extend(&self, delivery: &Delivery, by: Duration) -> Result<(), QueueError> {
         self.broker
-            .client
-            .change_message_visibility()
-            .queue_url(&self.queue_url)
-            .receipt_handle(SqsReceiver::receipt_handle(delivery)?)
-            .visibility_timeout(whole_seconds(by))
-            .send()
+            .change_visibility(&self.queue_url, delivery, whole_seconds(by))
             .await
-            .map_err(|e| self.broker.error("ChangeMessageVisibility", e))?;
-        Ok(())
     }
 }
 
