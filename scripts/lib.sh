@@ -13,6 +13,12 @@ export EO_AMQP_URL="${EO_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export EO_SQS_PORT="${EO_SQS_PORT:-9324}"
 export EO_SQS_ENDPOINT="${EO_SQS_ENDPOINT:-http://127.0.0.1:${EO_SQS_PORT}}"
 export EO_SQS_JAVA_OPTS="${EO_SQS_JAVA_OPTS:--Xms64m -Xmx512m}"
+# Apache Kafka in KRaft mode (scripts/kafka/). The Rust side reads
+# EO_KAFKA_BROKERS (queue::kafka::brokers_from_env).
+export EO_KAFKA_PORT="${EO_KAFKA_PORT:-9092}"
+export EO_KAFKA_CONTROLLER_PORT="${EO_KAFKA_CONTROLLER_PORT:-9093}"
+export EO_KAFKA_BROKERS="${EO_KAFKA_BROKERS:-127.0.0.1:${EO_KAFKA_PORT}}"
+export EO_KAFKA_JAVA_OPTS="${EO_KAFKA_JAVA_OPTS:--Xms256m -Xmx768m}"
 # A fixed node name keeps the RabbitMQ CLI tools independent of the hostname.
 export RABBITMQ_NODENAME="${RABBITMQ_NODENAME:-rabbit@localhost}"
 # Builds live outside the clone so that repeated runs reuse them.
@@ -54,17 +60,60 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# need_build_tools: what the workspace's C build needs (rdkafka compiles
+# librdkafka from source), installed from Debian's packages when missing.
+need_build_tools() {
+    local missing=()
+    command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+    command -v c++ >/dev/null 2>&1 || missing+=(g++)
+    command -v make >/dev/null 2>&1 || missing+=(make)
+    command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+    [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+}
+
 # sqs_answers: true when an SQS endpoint answers at EO_SQS_ENDPOINT.
 sqs_answers() {
     curl -fs -o /dev/null --max-time 2 "$EO_SQS_ENDPOINT/?Action=ListQueues"
 }
 
-# The ElasticMQ process that services-up started natively, if it still runs.
-elasticmq_pid() {
-    local pid_file="$EO_STATE_DIR/elasticmq/elasticmq.pid" pid
+# jvm_pid PID_FILE MAIN_CLASS: the pid of a JVM that services-up started, if
+# it still runs (and is still that server, not a recycled pid).
+jvm_pid() {
+    local pid_file=$1 main_class=$2 pid
     [ -s "$pid_file" ] || return 1
     pid="$(cat "$pid_file")"
-    # The pid must still be our server, not a recycled pid.
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'org\.elasticmq\.server\.Main' || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF " $main_class" || return 1
     echo "$pid"
+}
+
+# The ElasticMQ process that services-up started natively, if it still runs.
+elasticmq_pid() {
+    jvm_pid "$EO_STATE_DIR/elasticmq/elasticmq.pid" org.elasticmq.server.Main
+}
+
+# The Kafka broker that services-up started natively, if it still runs.
+kafka_pid() {
+    jvm_pid "$EO_STATE_DIR/kafka/kafka.pid" kafka.Kafka
+}
+
+# kafka_answers: true when something listens on the Kafka port.
+kafka_answers() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$EO_KAFKA_PORT") 2>/dev/null
+}
+
+# stop_jvm NAME PID_FILE MAIN_CLASS: SIGTERM, then SIGKILL after 20 s.
+stop_jvm() {
+    local name=$1 pid_file=$2 pid
+    if pid="$(jvm_pid "$pid_file" "$3")"; then
+        say "stopping $name (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 80); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.25
+        done
+        # Still there: it is not shutting down by itself.
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pid_file"
 }
