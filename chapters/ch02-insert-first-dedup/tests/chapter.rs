@@ -28,13 +28,22 @@ fn the_chapter_shows_the_dedup_hit_and_the_gap() {
     );
 }
 
-#[test]
-fn on_sqs_dedup_catches_the_redelivery_and_leaves_the_same_gap() {
+fn dedup_catches_the_redelivery_and_leaves_the_same_gap_on(backend: &str) {
     let report = chaos_lab::chapter::run_for_test(
         CHAPTER,
-        &["--backend", "sqs", "--messages", "20", "--seed", "5"],
+        &["--backend", backend, "--messages", "20", "--seed", "5"],
     );
-    assert_eq!(report["backend"], "sqs");
+    assert_eq!(report["backend"], backend);
     assert_eq!(report["runs"][0]["dedup_hits"], 1);
     assert_eq!(report["claims_hold"], true);
+}
+
+#[test]
+fn on_sqs_dedup_catches_the_redelivery_and_leaves_the_same_gap() {
+    dedup_catches_the_redelivery_and_leaves_the_same_gap_on("sqs");
+}
+
+#[test]
+fn on_kafka_dedup_catches_the_redelivery_and_leaves_the_same_gap() {
+    dedup_catches_the_redelivery_and_leaves_the_same_gap_on("kafka");
 }

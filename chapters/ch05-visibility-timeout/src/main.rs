@@ -17,10 +17,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chaos_lab::chapter::Backend;
 use chaos_lab::plan::{Poison, ProducerFault};
 use chaos_lab::run::RunSpec;
-use chaos_lab::{ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab, Role, RunReport};
+use chaos_lab::{
+    BackendKind, ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab, Role, RunReport,
+};
 use consumer::crash::CrashPoint;
 use consumer::{Heartbeat, Variant};
 use psp::FaultConfig;
@@ -29,7 +30,7 @@ static CHAPTER: Chapter = Chapter {
     id: "ch05",
     title: "the visibility timeout",
     default_messages: 20,
-    backends: &[Backend::Sqs],
+    backends: &[BackendKind::Sqs],
 };
 
 /// What one charge costs at the PSP: the work a lease must cover.

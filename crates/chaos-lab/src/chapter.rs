@@ -4,43 +4,18 @@
 use std::future::Future;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use queue::backend::BackendKind;
 
 use crate::plan::{ChaosPlan, FaultMix};
 use crate::report::{ChapterReport, Claim, RunReport};
 use crate::run::{self, RunSpec};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    Rabbitmq,
-    Sqs,
-    Kafka,
-}
-
-impl Backend {
-    /// The queue backend, for the brokers this build runs.
-    pub fn kind(self) -> Option<queue::backend::BackendKind> {
-        match self {
-            Backend::Rabbitmq => Some(queue::backend::BackendKind::Rabbitmq),
-            Backend::Sqs => Some(queue::backend::BackendKind::Sqs),
-            Backend::Kafka => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Rabbitmq => "rabbitmq",
-            Backend::Sqs => "sqs",
-            Backend::Kafka => "kafka",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Parser)]
-pub struct ChapterArgs {
+pub struct ChapterArgs<Extra: clap::Args = NoExtraArgs> {
     /// Which broker carries the payment events (default: the chapter's own).
     #[arg(long, value_enum)]
-    pub backend: Option<Backend>,
+    pub backend: Option<BackendKind>,
     /// How many orders the shop places (default: the chapter's own).
     #[arg(long)]
     pub messages: Option<usize>,
@@ -53,7 +28,14 @@ pub struct ChapterArgs {
     /// Print one JSON object instead of the Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// The chapter's own arguments, if it has any.
+    #[command(flatten)]
+    pub extra: Extra,
 }
+
+/// For chapters with no arguments of their own.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct NoExtraArgs {}
 
 /// A chapter's identity and defaults.
 pub struct Chapter {
@@ -61,16 +43,17 @@ pub struct Chapter {
     pub title: &'static str,
     pub default_messages: usize,
     /// The brokers the chapter runs on; the first is its default.
-    pub backends: &'static [Backend],
+    pub backends: &'static [BackendKind],
 }
 
 /// What chapters 1 to 4 run on.
-pub const EVERY_BACKEND: &[Backend] = &[Backend::Rabbitmq, Backend::Sqs];
+pub const EVERY_BACKEND: &[BackendKind] =
+    &[BackendKind::Rabbitmq, BackendKind::Sqs, BackendKind::Kafka];
 
 /// What a chapter's body gets: its settings, and a way to run variants.
 pub struct Lab {
     pub chapter: &'static Chapter,
-    pub backend: queue::backend::BackendKind,
+    pub backend: BackendKind,
     pub messages: usize,
     pub seed: u64,
     pub consumers: usize,
@@ -93,7 +76,11 @@ impl Lab {
     }
 
     pub fn report(&self, runs: Vec<RunReport>, claims: Vec<Claim>) -> ChapterReport {
-        ChapterReport::new(self.chapter.id, runs, claims)
+        let mut report = ChapterReport::new(self.chapter.id, runs, claims);
+        // A report of benchmarks alone has no run to take these from.
+        report.backend = self.backend.name().to_owned();
+        report.seed = self.seed;
+        report
     }
 }
 
@@ -105,16 +92,20 @@ where
     F: FnOnce(Lab) -> Fut,
     Fut: Future<Output = anyhow::Result<ChapterReport>>,
 {
-    let args = ChapterArgs::parse();
-    let chosen = args.backend.unwrap_or(chapter.backends[0]);
-    let Some(backend) = chosen.kind() else {
-        eprintln!(
-            "error: the {} backend is not in this build yet; use --backend rabbitmq or --backend sqs",
-            chosen.name()
-        );
-        return ExitCode::from(2);
-    };
-    if !chapter.backends.contains(&chosen) {
+    main_with_args(chapter, |lab, NoExtraArgs {}| body(lab)).await
+}
+
+/// [`main`] for a chapter with arguments of its own (`Extra`), which its
+/// body receives beside the lab.
+pub async fn main_with_args<Extra, F, Fut>(chapter: &'static Chapter, body: F) -> ExitCode
+where
+    Extra: clap::Args,
+    F: FnOnce(Lab, Extra) -> Fut,
+    Fut: Future<Output = anyhow::Result<ChapterReport>>,
+{
+    let args = ChapterArgs::<Extra>::parse();
+    let backend = args.backend.unwrap_or(chapter.backends[0]);
+    if !chapter.backends.contains(&backend) {
         let names: Vec<&str> = chapter.backends.iter().map(|b| b.name()).collect();
         eprintln!(
             "error: {} runs on {} only (the chapter's page says why)",
@@ -133,7 +124,7 @@ where
         "{}: {} — backend {}, {messages} messages, {} consumers, seed {seed} (replay with --seed {seed})",
         chapter.id,
         chapter.title,
-        chosen.name(),
+        backend.name(),
         args.consumers
     );
     let lab = Lab {
@@ -143,7 +134,7 @@ where
         seed,
         consumers: args.consumers,
     };
-    let report = match body(lab).await {
+    let report = match body(lab, args.extra).await {
         Ok(report) => report,
         Err(error) => {
             eprintln!("error: {error:#}");

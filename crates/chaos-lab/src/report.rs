@@ -140,6 +140,11 @@ pub struct ChapterReport {
     pub tables: Vec<Table>,
     /// Extra evidence printed under the table: traces, metric scrapes.
     pub sections: Vec<Section>,
+    /// Markdown printed as it is, after everything else: the tables of a
+    /// measurement that is not a chaos run (a benchmark formats its own).
+    pub markdown: Vec<String>,
+    /// Such measurements in full, for `--json`, by name.
+    pub measurements: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// A titled Markdown table.
@@ -160,17 +165,61 @@ pub struct Section {
 impl ChapterReport {
     pub fn new(chapter: &str, runs: Vec<RunReport>, claims: Vec<Claim>) -> Self {
         let first = runs.first();
-        Self {
+        let mut report = Self {
             chapter: chapter.to_owned(),
             backend: first.map(|r| r.backend.clone()).unwrap_or_default(),
             messages: first.map(|r| r.messages).unwrap_or_default(),
             seed: first.map(|r| r.seed).unwrap_or_default(),
-            claims_hold: claims.iter().all(|c| c.holds) && runs.iter().all(|r| r.drained),
+            claims_hold: false,
             runs,
             claims,
             tables: Vec::new(),
             sections: Vec::new(),
+            markdown: Vec::new(),
+            measurements: Default::default(),
+        };
+        report.recount();
+        report
+    }
+
+    /// Adds runs after the first ones (a chapter made of parts).
+    pub fn with_runs(mut self, runs: Vec<RunReport>) -> Self {
+        if self.runs.is_empty() {
+            if let Some(first) = runs.first() {
+                self.messages = first.messages;
+            }
         }
+        self.runs.extend(runs);
+        self.recount();
+        self
+    }
+
+    /// Adds a claim after the first ones.
+    pub fn with_claim(mut self, claim: Claim) -> Self {
+        self.claims.push(claim);
+        self.recount();
+        self
+    }
+
+    fn recount(&mut self) {
+        self.claims_hold =
+            self.claims.iter().all(|c| c.holds) && self.runs.iter().all(|r| r.drained);
+    }
+
+    /// Adds a measurement that is not a chaos run: its own Markdown for the
+    /// table, and the whole of it under `name` in the JSON.
+    pub fn with_measurement(
+        mut self,
+        name: &str,
+        markdown: String,
+        measurement: &impl Serialize,
+    ) -> Self {
+        self.markdown.push(markdown);
+        self.measurements.insert(
+            name.to_owned(),
+            serde_json::to_value(measurement).expect("measurements serialise"),
+        );
+        self
     }
 
     /// Adds a table under the main one; columns after the first align right.
@@ -198,6 +247,27 @@ impl ChapterReport {
     }
 
     pub fn to_markdown(&self) -> String {
+        let mut out = self.runs_markdown();
+        out.push_str(&self.tables_markdown());
+        for block in &self.markdown {
+            out.push('\n');
+            out.push_str(block.trim_end());
+            out.push('\n');
+        }
+        out.push('\n');
+        for claim in &self.claims {
+            let mark = if claim.holds { "holds" } else { "FAILS" };
+            out.push_str(&format!("- {}: **{mark}**\n", claim.statement));
+        }
+        out
+    }
+
+    /// The main table of chaos runs, or nothing for a report without any
+    /// (a chapter part that only benchmarks).
+    fn runs_markdown(&self) -> String {
+        if self.runs.is_empty() {
+            return String::new();
+        }
         let mut out = format!(
             "Backend `{}`, seed {}. Double charges, lost events and ledger rows are counted from the PSP's ledger; the other columns are the consumers' own counts.\n\n",
             self.backend, self.seed
@@ -251,6 +321,12 @@ impl ChapterReport {
                 out.push_str(&format!("- {line}\n"));
             }
         }
+        out
+    }
+
+    /// The extra tables and evidence sections, in the order they were added.
+    fn tables_markdown(&self) -> String {
+        let mut out = String::new();
         for table in &self.tables {
             out.push_str(&format!("\n{}:\n\n", table.title));
             out.push_str(&format!("| {} |\n", table.header.join(" | ")));
@@ -269,11 +345,6 @@ impl ChapterReport {
                 out.push('\n');
             }
             out.push_str("```\n");
-        }
-        out.push('\n');
-        for claim in &self.claims {
-            let mark = if claim.holds { "holds" } else { "FAILS" };
-            out.push_str(&format!("- {}: **{mark}**\n", claim.statement));
         }
         out
     }

@@ -158,6 +158,7 @@ impl PaymentConsumer {
             message_id: delivery.message_id.clone(),
             order_id,
             redelivered,
+            position: delivery.receipt.position(),
         });
         let _heartbeat = self.start_heartbeat(&*receiver, &delivery, order_id);
         let mut settling = LateSettlements {

@@ -16,7 +16,14 @@ pub enum Observation {
     Received {
         message_id: Option<String>,
         order_id: Option<Uuid>,
+        /// What the consumer can tell: the broker's flag or count.
         redelivered: bool,
+        /// Where the broker keeps the message, where every delivery of it
+        /// shares one address (Kafka's partition and offset): a supervisor
+        /// that sees the same position twice knows it is a redelivery even
+        /// when the consumer that got it could not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<queue::Position>,
     },
     /// The delivery was settled with this outcome.
     Settled {

@@ -372,6 +372,7 @@ fn received(order_id: Option<Uuid>, message_id: &str, redelivered: bool) -> Obse
         message_id: Some(message_id.to_owned()),
         order_id,
         redelivered,
+        position: None,
     }
 }
 
@@ -843,6 +844,10 @@ fn every_observation_survives_the_line_protocol() {
             message_id: None,
             order_id: None,
             redelivered: true,
+            position: Some(queue::Position {
+                partition: 2,
+                offset: 41,
+            }),
         },
     ];
     for crash_point in consumer::crash::CrashPoint::ALL {

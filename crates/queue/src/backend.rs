@@ -1,24 +1,28 @@
-//! Either broker, chosen at run time: what the chaos lab and the chapters'
-//! `--backend` flag use, so that one run description works on both.
+//! Any broker, chosen at run time: what the chaos lab and the chapters'
+//! `--backend` flag use, so that one run description works on all three.
 //!
-//! A [`QueueSpec`] names the queue and carries the settings only SQS has (the
-//! visibility timeout and `maxReceiveCount`); it serialises, so a lab can hand
-//! it to the consumer processes it starts. [`Broker`] connects to whichever
-//! backend the spec names, from the environment's settings.
+//! A [`QueueSpec`] names the queue and carries the settings only one broker
+//! has (SQS's visibility timeout and `maxReceiveCount`, Kafka's partitions
+//! and transactional ack); it serialises, so a lab can hand it to the
+//! consumer processes it starts. [`Broker`] connects to whichever backend the
+//! spec names, from the environment's settings.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kafka::{self, KafkaBroker, KafkaTopology};
 use crate::rabbitmq::{self, RabbitBroker, Topology};
 use crate::sqs::{self, ReceiveSettings, SqsBroker, SqsTopology};
 use crate::{Publisher, QueueError, QueueInspector, Receiver};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The brokers of the book: the value of every `--backend` flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     Rabbitmq,
     Sqs,
+    Kafka,
 }
 
 impl BackendKind {
@@ -26,6 +30,7 @@ impl BackendKind {
         match self {
             BackendKind::Rabbitmq => "rabbitmq",
             BackendKind::Sqs => "sqs",
+            BackendKind::Kafka => "kafka",
         }
     }
 }
@@ -34,8 +39,8 @@ impl BackendKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSpec {
     pub backend: BackendKind,
-    /// The queue's name on RabbitMQ; on SQS every character SQS refuses
-    /// becomes `-` ([`sqs::queue_name`]).
+    /// The queue's name on RabbitMQ and the topic's on Kafka; on SQS every
+    /// character SQS refuses becomes `-` ([`sqs::queue_name`]).
     pub name: String,
     /// SQS: how long a received message stays hidden. RabbitMQ has no such
     /// timer per message: it redelivers when the consumer's channel closes.
@@ -43,18 +48,36 @@ pub struct QueueSpec {
     /// SQS: receives without a delete before the redrive policy moves the
     /// message to the dead-letter queue.
     pub max_receive_count: u32,
+    /// Kafka: partitions of the topic, the most consumers that work at once.
+    pub partitions: u32,
+    /// Kafka: an ack commits the offset inside a Kafka transaction.
+    pub transactional_ack: bool,
 }
 
 impl QueueSpec {
     /// SQS defaults that never fire in a healthy run: a 30 s visibility
-    /// timeout (SQS's own default) and 10 receives.
+    /// timeout (SQS's own default) and 10 receives. Kafka: three partitions,
+    /// plain offset commits.
     pub fn new(backend: BackendKind, name: impl Into<String>) -> Self {
         Self {
             backend,
             name: name.into(),
             visibility_timeout_ms: 30_000,
             max_receive_count: 10,
+            partitions: kafka::DEFAULT_PARTITIONS,
+            transactional_ack: false,
         }
+    }
+
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Kafka: acks commit their offsets in a transaction (chapter 6).
+    pub fn with_transactional_ack(mut self) -> Self {
+        self.transactional_ack = true;
+        self
     }
 
     pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
@@ -75,6 +98,14 @@ impl QueueSpec {
         Topology::durable(&self.name)
     }
 
+    fn kafka(&self) -> KafkaTopology {
+        KafkaTopology {
+            partitions: self.partitions,
+            transactional_ack: self.transactional_ack,
+            ..KafkaTopology::new(&self.name)
+        }
+    }
+
     fn sqs(&self) -> SqsTopology {
         SqsTopology::new(
             sqs::queue_name(&self.name),
@@ -84,7 +115,7 @@ impl QueueSpec {
     }
 }
 
-/// A message in the dead-letter queue, on either backend.
+/// A message in the dead-letter queue, on any backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     /// Why the consumer dead-lettered it; empty when the broker moved it
@@ -100,16 +131,21 @@ pub struct DeadLetter {
 pub enum Broker {
     Rabbitmq(RabbitBroker),
     Sqs(SqsBroker),
+    Kafka(KafkaBroker),
 }
 
 impl Broker {
-    /// Connects with the environment's settings (`EO_AMQP_URL`, `EO_SQS_*`).
+    /// Connects with the environment's settings (`EO_AMQP_URL`, `EO_SQS_*`,
+    /// `EO_KAFKA_BROKERS`).
     pub async fn connect(backend: BackendKind) -> Result<Self, QueueError> {
         Ok(match backend {
             BackendKind::Rabbitmq => {
                 Broker::Rabbitmq(RabbitBroker::connect(&rabbitmq::url_from_env()).await?)
             }
             BackendKind::Sqs => Broker::Sqs(SqsBroker::connect().await?),
+            BackendKind::Kafka => {
+                Broker::Kafka(KafkaBroker::connect(&kafka::brokers_from_env()).await?)
+            }
         })
     }
 
@@ -117,6 +153,7 @@ impl Broker {
         match self {
             Broker::Rabbitmq(broker) => broker.declare(&spec.rabbitmq()).await,
             Broker::Sqs(broker) => broker.declare(&spec.sqs()).await,
+            Broker::Kafka(broker) => broker.declare(&spec.kafka()).await,
         }
     }
 
@@ -125,6 +162,7 @@ impl Broker {
         match self {
             Broker::Rabbitmq(broker) => broker.delete(&spec.rabbitmq()).await,
             Broker::Sqs(broker) => broker.delete(&spec.sqs()).await,
+            Broker::Kafka(broker) => broker.delete(&spec.kafka()).await,
         }
     }
 
@@ -132,12 +170,14 @@ impl Broker {
         Ok(match self {
             Broker::Rabbitmq(broker) => Box::new(broker.publisher(&spec.rabbitmq()).await?),
             Broker::Sqs(broker) => Box::new(broker.publisher(&spec.sqs()).await?),
+            Broker::Kafka(broker) => Box::new(broker.publisher(&spec.kafka()).await?),
         })
     }
 
     /// A receiver holding at most `prefetch` unsettled messages (RabbitMQ's
     /// prefetch; an SQS receiver holds what it asked for, one at a time in
-    /// the consumer).
+    /// the consumer; Kafka settles positions, not messages, so its receiver
+    /// hands out one at a time whatever the prefetch).
     pub async fn receiver(
         &self,
         spec: &QueueSpec,
@@ -152,20 +192,23 @@ impl Broker {
                     .receiver(&spec.sqs(), ReceiveSettings::default())
                     .await?,
             ),
+            Broker::Kafka(broker) => Box::new(broker.receiver(&spec.kafka()).await?),
         })
     }
 
-    pub fn inspector(&self, spec: &QueueSpec) -> Inspector {
-        match self {
+    pub fn inspector(&self, spec: &QueueSpec) -> Result<Inspector, QueueError> {
+        Ok(match self {
             Broker::Rabbitmq(broker) => Inspector::Rabbitmq(broker.inspector(&spec.rabbitmq())),
             Broker::Sqs(broker) => Inspector::Sqs(broker.inspector(&spec.sqs())),
-        }
+            Broker::Kafka(broker) => Inspector::Kafka(broker.inspector(&spec.kafka())?),
+        })
     }
 }
 
 pub enum Inspector {
     Rabbitmq(rabbitmq::RabbitInspector),
     Sqs(sqs::SqsInspector),
+    Kafka(kafka::KafkaInspector),
 }
 
 impl Inspector {
@@ -174,11 +217,13 @@ impl Inspector {
     /// until its visibility timeout runs out, and then comes back: a run is
     /// not drained while one is in flight. RabbitMQ returns a dead
     /// consumer's messages at once, so its ready count is enough there (the
-    /// lab knows which live consumer is busy).
+    /// lab knows which live consumer is busy). On Kafka the group's lag
+    /// counts every message not yet committed, held by a consumer or not.
     pub async fn is_empty(&self) -> Result<bool, QueueError> {
         Ok(match self {
             Inspector::Rabbitmq(inspector) => inspector.ready_count().await? == 0,
             Inspector::Sqs(inspector) => inspector.is_empty().await?,
+            Inspector::Kafka(inspector) => inspector.is_empty().await?,
         })
     }
 
@@ -186,6 +231,7 @@ impl Inspector {
         match self {
             Inspector::Rabbitmq(inspector) => inspector.dead_letter_count().await,
             Inspector::Sqs(inspector) => inspector.dead_letter_count().await,
+            Inspector::Kafka(inspector) => inspector.dead_letter_count().await,
         }
     }
 
@@ -194,6 +240,7 @@ impl Inspector {
         Ok(match self {
             Inspector::Rabbitmq(inspector) => into_all(inspector.peek_dead_letters(max).await?),
             Inspector::Sqs(inspector) => into_all(inspector.peek_dead_letters(max).await?),
+            Inspector::Kafka(inspector) => into_all(inspector.peek_dead_letters(max).await?),
         })
     }
 }
@@ -204,6 +251,16 @@ fn into_all<T: Into<DeadLetter>>(letters: Vec<T>) -> Vec<DeadLetter> {
 
 impl From<rabbitmq::DeadLetter> for DeadLetter {
     fn from(letter: rabbitmq::DeadLetter) -> Self {
+        Self {
+            reason: letter.reason,
+            payload: letter.payload,
+            receive_count: None,
+        }
+    }
+}
+
+impl From<kafka::DeadLetter> for DeadLetter {
+    fn from(letter: kafka::DeadLetter) -> Self {
         Self {
             reason: letter.reason,
             payload: letter.payload,

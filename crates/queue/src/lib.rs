@@ -10,6 +10,8 @@
 //!   redelivery deadline where the broker has one (SQS visibility).
 //! - [`rabbitmq`]: the RabbitMQ backend (lapin).
 //! - [`sqs`]: the SQS backend (aws-sdk-sqs), against ElasticMQ locally.
+//! - [`kafka`]: the Kafka backend (rdkafka), against one KRaft broker.
+//! - [`backend`]: any of the three, chosen at run time.
 //!
 //! # Why the interface looks like this
 //!
@@ -26,6 +28,7 @@
 use std::time::Duration;
 
 pub mod backend;
+pub mod kafka;
 pub mod rabbitmq;
 pub mod redrive;
 pub mod sqs;
@@ -41,13 +44,35 @@ pub enum Receipt {
     Offset { partition: i32, offset: i64 },
 }
 
+impl Receipt {
+    /// Where the message sits in the broker, when every delivery of it
+    /// carries the same address: Kafka's partition and offset. A RabbitMQ
+    /// delivery tag and an SQS receipt handle are new on each delivery.
+    pub fn position(&self) -> Option<Position> {
+        match *self {
+            Receipt::Offset { partition, offset } => Some(Position { partition, offset }),
+            Receipt::DeliveryTag(_) | Receipt::ReceiptHandle(_) => None,
+        }
+    }
+}
+
+/// A message's place in a Kafka topic. Two deliveries at the same position
+/// are the same message delivered twice, whether or not the consumer that
+/// got the second one could tell (see [`kafka`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// One delivery of one message. The same message may be delivered again.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub payload: Vec<u8>,
     /// The broker's or publisher's message id, when the backend has one.
     pub message_id: Option<String>,
-    /// True when the broker says it handed this message out before.
+    /// True when the broker says it handed this message out before (on
+    /// Kafka: when this process received it before, see [`kafka`]).
     pub redelivered: bool,
     /// How many times it was handed out, where the broker counts (SQS
     /// `ApproximateReceiveCount`, RabbitMQ quorum `x-delivery-count`).

@@ -1,6 +1,10 @@
 //! Integration tests of the RabbitMQ backend against the real broker that
 //! `scripts/services-up` starts on loopback (`EO_AMQP_URL` overrides the URL).
 //!
+//! The contract every broker shares (receive and ack, requeue, dead letter,
+//! a SIGKILLed consumer, declaring twice) is in `conformance.rs`; this file
+//! pins down what is RabbitMQ's own.
+//!
 //! Every test declares its own uniquely named queue and deletes it again,
 //! also when it fails (see [`TestQueue`]), so the tests run in parallel and
 //! leave nothing behind.
@@ -257,86 +261,6 @@ async fn unacked_message_is_redelivered_when_every_handle_is_dropped() {
     survivor.close().await.unwrap();
     setup.close().await.unwrap();
     queue.delete().await;
-}
-
-/// The real thing: a consumer process that is SIGKILLed while it holds the
-/// message (no destructors, no close frame; the kernel drops the socket).
-#[tokio::test]
-async fn unacked_message_is_redelivered_when_the_consumer_process_is_killed() {
-    let setup = connect().await;
-    let queue = TestQueue::declared(&setup).await;
-    setup
-        .publisher(&queue.topology)
-        .await
-        .unwrap()
-        .publish(&message("m-3c", "killed"))
-        .await
-        .unwrap();
-
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "child_consumer_holds_one_message_until_killed",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_QUEUE_ENV, &queue.topology.queue)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the test binary as a child consumer");
-    let stdout = child.stdout.take().unwrap();
-    let holding = tokio::time::timeout(ARRIVES, async {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        while let Some(line) = lines.next_line().await.unwrap() {
-            // libtest prints "test <name> ... " without a newline before
-            // the test runs, so the marker may share a line with it.
-            if let Some((_, id)) = line.split_once("HOLDING ") {
-                return Some(id.trim().to_owned());
-            }
-        }
-        None
-    })
-    .await
-    .expect("the child consumer took the message in time");
-    assert_eq!(holding.as_deref(), Some("m-3c"));
-
-    child.start_kill().expect("SIGKILL");
-    child.wait().await.unwrap();
-
-    let survivor = connect().await;
-    let mut receiver = survivor.receiver(&queue.topology, 1).await.unwrap();
-    let again = receive_one(&mut receiver).await;
-    assert_eq!(again.message_id.as_deref(), Some("m-3c"));
-    assert_eq!(again.payload, b"killed");
-    assert!(again.redelivered, "{again:?}");
-    receiver.ack(&again).await.unwrap();
-
-    survivor.close().await.unwrap();
-    setup.close().await.unwrap();
-    queue.delete().await;
-}
-
-const CHILD_QUEUE_ENV: &str = "EO_TEST_CHILD_QUEUE";
-
-/// Not a test on its own: the consumer process that the test above starts
-/// and kills. Without its environment variable it does nothing.
-#[tokio::test]
-#[ignore = "helper process for unacked_message_is_redelivered_when_the_consumer_process_is_killed"]
-async fn child_consumer_holds_one_message_until_killed() {
-    let Ok(queue) = std::env::var(CHILD_QUEUE_ENV) else {
-        return;
-    };
-    let broker = connect().await;
-    let mut receiver = broker.receiver(&Topology::durable(queue), 1).await.unwrap();
-    let delivery = receive_one(&mut receiver).await;
-    println!("HOLDING {}", delivery.message_id.unwrap_or_default());
-    // Hold it, unacked, until the parent kills us.
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    std::process::exit(1);
 }
 
 // 4. ---------------------------------------------------------------------
@@ -651,30 +575,6 @@ async fn concurrent_publishes_are_each_confirmed_or_each_refused() {
 }
 
 // 7. ---------------------------------------------------------------------
-
-#[tokio::test]
-async fn declaring_twice_is_harmless() {
-    let broker = connect().await;
-    let queue = TestQueue::declared(&broker).await;
-    let publisher = broker.publisher(&queue.topology).await.unwrap();
-    publisher.publish(&message("m-7", "kept")).await.unwrap();
-
-    broker
-        .declare(&queue.topology)
-        .await
-        .expect("second declare");
-    let inspector = broker.inspector(&queue.topology);
-    assert_eq!(inspector.ready_count().await.unwrap(), 1, "nothing purged");
-    assert_eq!(inspector.dead_letter_count().await.unwrap(), 0);
-    // From a second connection too.
-    let other = connect().await;
-    other.declare(&queue.topology).await.expect("third declare");
-    other.close().await.unwrap();
-    assert_eq!(inspector.ready_count().await.unwrap(), 1);
-
-    broker.close().await.unwrap();
-    queue.delete().await;
-}
 
 #[tokio::test]
 async fn redeclaring_with_different_durability_is_an_error_not_a_silent_change() {

@@ -1,5 +1,7 @@
 //! Integration tests of the SQS backend against the real ElasticMQ that
 //! `scripts/services-up` starts on loopback (`EO_SQS_ENDPOINT` overrides it).
+//! The contract every broker shares is in `conformance.rs`; this file pins
+//! down what is SQS's own (and where ElasticMQ differs from SQS).
 //!
 //! Every test declares its own uniquely named queue pair and deletes it again,
 //! also when it fails (see [`TestQueue`]), so the tests run in parallel and
