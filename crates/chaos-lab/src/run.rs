@@ -360,14 +360,10 @@ pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<Run
         .await
         .context("creating the run's PSP database")?;
     let run_id = shop.name.trim_start_matches("eo_shop_").to_owned();
-    let queue_spec = QueueSpec::new(backend, format!("eo.{run_id}.payments"))
+    let mut queue_spec = QueueSpec::new(backend, format!("eo.{run_id}.payments"))
         .with_visibility_timeout(spec.visibility_timeout)
         .with_max_receive_count(spec.max_receive_count);
-    let queue_spec = if spec.transactional_ack {
-        queue_spec.with_transactional_ack()
-    } else {
-        queue_spec
-    };
+    queue_spec.transactional_ack = spec.transactional_ack;
     let broker = Broker::connect(backend).await?;
     let work_dir = std::env::temp_dir().join(format!("effectively-once-{run_id}"));
 

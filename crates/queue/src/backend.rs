@@ -74,12 +74,6 @@ impl QueueSpec {
         self
     }
 
-    /// Kafka: acks commit their offsets in a transaction (chapter 6).
-    pub fn with_transactional_ack(mut self) -> Self {
-        self.transactional_ack = true;
-        self
-    }
-
     pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
         self.visibility_timeout_ms = timeout.as_millis() as u64;
         self
