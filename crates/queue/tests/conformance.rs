@@ -13,6 +13,8 @@
 //! timeout and redrive policy, Kafka's transactional ack) stay in
 //! `rabbitmq.rs`, `sqs.rs` and `kafka.rs` next to this file.
 
+mod support;
+
 use std::time::Duration;
 
 use queue::backend::{BackendKind, Broker, Inspector, QueueSpec};
@@ -316,21 +318,12 @@ impl Drop for TestQueue {
         if !self.armed {
             return;
         }
-        // We may be unwinding from a failed assertion inside a runtime, so
-        // clean up on a thread with a runtime of its own.
         let spec = self.spec.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(broker) = Broker::connect(spec.backend).await {
-                    let _ = broker.delete(&spec).await;
-                }
-            });
-        })
-        .join();
+        support::clean_up_on_own_runtime(|| async move {
+            if let Ok(broker) = Broker::connect(spec.backend).await {
+                let _ = broker.delete(&spec).await;
+            }
+        });
     }
 }
 

@@ -5,6 +5,8 @@
 //! Every test declares its own uniquely named topic and deletes it again,
 //! also when it fails (see [`TestTopic`]), so the tests run in parallel.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use queue::kafka::{brokers_from_env, KafkaBroker, KafkaReceiver, KafkaTopology};
@@ -69,18 +71,11 @@ impl Drop for TestTopic {
             return;
         }
         let topology = self.topology.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(broker) = KafkaBroker::connect(&brokers_from_env()).await {
-                    let _ = broker.delete(&topology).await;
-                }
-            });
-        })
-        .join();
+        support::clean_up_on_own_runtime(|| async move {
+            if let Ok(broker) = KafkaBroker::connect(&brokers_from_env()).await {
+                let _ = broker.delete(&topology).await;
+            }
+        });
     }
 }
 

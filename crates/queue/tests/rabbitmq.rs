@@ -9,6 +9,8 @@
 //! also when it fails (see [`TestQueue`]), so the tests run in parallel and
 //! leave nothing behind.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use queue::rabbitmq::{url_from_env, RabbitBroker, Topology};
@@ -77,22 +79,13 @@ impl Drop for TestQueue {
         if !self.armed {
             return;
         }
-        // We may be unwinding from a failed assertion inside a runtime, so
-        // clean up on a thread with a runtime of its own.
         let topology = self.topology.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(broker) = RabbitBroker::connect(&url_from_env()).await {
-                    let _ = broker.delete(&topology).await;
-                    let _ = broker.close().await;
-                }
-            });
-        })
-        .join();
+        support::clean_up_on_own_runtime(|| async move {
+            if let Ok(broker) = RabbitBroker::connect(&url_from_env()).await {
+                let _ = broker.delete(&topology).await;
+                let _ = broker.close().await;
+            }
+        });
     }
 }
 

@@ -8,6 +8,8 @@
 //! leave nothing behind. Timeouts are real: a 1 s visibility timeout really
 //! runs out, which keeps the whole file at a few seconds of waiting.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use queue::sqs::{ReceiveSettings, SqsBroker, SqsReceiver, SqsSettings, SqsTopology};
@@ -97,18 +99,11 @@ impl Drop for TestQueue {
             return;
         }
         let topology = self.topology.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let _ = SqsBroker::new(SqsSettings::from_env())
-                    .delete(&topology)
-                    .await;
-            });
-        })
-        .join();
+        support::clean_up_on_own_runtime(|| async move {
+            let _ = SqsBroker::new(SqsSettings::from_env())
+                .delete(&topology)
+                .await;
+        });
     }
 }
 
