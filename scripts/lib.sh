@@ -19,6 +19,10 @@ export EO_KAFKA_PORT="${EO_KAFKA_PORT:-9092}"
 export EO_KAFKA_CONTROLLER_PORT="${EO_KAFKA_CONTROLLER_PORT:-9093}"
 export EO_KAFKA_BROKERS="${EO_KAFKA_BROKERS:-127.0.0.1:${EO_KAFKA_PORT}}"
 export EO_KAFKA_JAVA_OPTS="${EO_KAFKA_JAVA_OPTS:--Xms256m -Xmx768m}"
+# Kafka Connect (chapter 7) runs from the Kafka jars with Debezium's plugin
+# unpacked here. The Rust side reads the same variables (cdc::ConnectSettings).
+export EO_CONNECT_CLASSPATH="${EO_CONNECT_CLASSPATH:-$EO_STATE_DIR/kafka/lib/*}"
+export EO_CONNECT_PLUGINS="${EO_CONNECT_PLUGINS:-$EO_STATE_DIR/connect/plugins}"
 # A fixed node name keeps the RabbitMQ CLI tools independent of the hostname.
 export RABBITMQ_NODENAME="${RABBITMQ_NODENAME:-rabbit@localhost}"
 # Builds live outside the clone so that repeated runs reuse them.
@@ -83,7 +87,7 @@ jvm_pid() {
     local pid_file=$1 main_class=$2 pid
     [ -s "$pid_file" ] || return 1
     pid="$(cat "$pid_file")"
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF " $main_class" || return 1
+    { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF " $main_class" || return 1
     echo "$pid"
 }
 
