@@ -297,7 +297,8 @@ async fn json_or_error(response: reqwest::Response) -> Result<serde_json::Value,
     serde_json::from_str(&text).map_err(|e| CdcError::Rest(format!("{e}: {text}")))
 }
 
-fn internal_topics(name: &str) -> Vec<String> {
+/// The internal topics of the worker named `name`.
+pub fn internal_topics(name: &str) -> Vec<String> {
     ["configs", "offsets", "status"]
         .iter()
         .map(|kind| format!("{name}.connect-{kind}"))

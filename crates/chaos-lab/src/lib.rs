@@ -11,12 +11,15 @@
 //!   and collects what they report.
 //! - [`run`]: one run end to end: fresh databases and queue, processes,
 //!   drain, audit, clean-up.
+//! - [`cdc_relay`]: chapter 7's relay: a Kafka Connect worker with Debezium,
+//!   started, SIGKILLed and started again by the lab itself.
 //! - [`audit`]: double charges and lost events from the shop's orders and the
 //!   PSP's ledger, as the design defines them.
 //! - [`report`]: the Markdown table and the JSON object a chapter prints.
 //! - [`chapter`]: the command line every chapter shares.
 
 pub mod audit;
+pub mod cdc_relay;
 pub mod chapter;
 pub mod plan;
 pub mod report;

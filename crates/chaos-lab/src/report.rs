@@ -38,6 +38,8 @@ pub struct RunReport {
     /// a failed publish, and republishes after a relay died before marking
     /// (those reach the consumer twice).
     pub republished: u64,
+    /// CDC: what a `read_committed` reader finds on the topic at the end.
+    pub topic_records: Option<cdc::topic::TopicCount>,
     pub relay_metrics: Vec<ConsumerScrape>,
     pub audit: Audit,
     /// Double charges by the fault planned on the charged order's
@@ -321,6 +323,40 @@ impl ChapterReport {
                 out.push_str(&format!("- {line}\n"));
             }
         }
+        out.push_str(&self.topic_markdown());
+        out
+    }
+
+    /// CDC runs: what Debezium wrote to the topic, read back by a
+    /// `read_committed` reader, beside the dedup hits that absorbed it.
+    fn topic_markdown(&self) -> String {
+        let cdc_runs: Vec<(&RunReport, cdc::topic::TopicCount)> = self
+            .runs
+            .iter()
+            .filter_map(|run| run.topic_records.map(|count| (run, count)))
+            .collect();
+        if cdc_runs.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "\nWhat Debezium wrote to the topic (read back from its start, `read_committed`):\n\n\
+             | scenario | producer | consumer | outbox rows | records on the topic | distinct events | sent again | dedup hits | Connect kills |\n\
+             |---|---|---|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for (run, count) in cdc_runs {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                run.scenario,
+                run.producer,
+                run.variant,
+                run.audit.orders_committed,
+                count.records,
+                count.distinct_events,
+                count.resent(),
+                run.dedup_hits,
+                run.relay_kills,
+            ));
+        }
         out
     }
 
@@ -376,6 +412,7 @@ mod tests {
             producer_kills: 1,
             relay_kills: 0,
             republished: 0,
+            topic_records: None,
             relay_metrics: Vec::new(),
             audit: Audit {
                 orders_committed: 10,

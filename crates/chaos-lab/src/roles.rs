@@ -38,6 +38,10 @@ pub enum ProducerKind {
         relays: usize,
         relay: relay::RelayConfig,
     },
+    /// Order and outbox row in one transaction; Debezium reads the row from
+    /// the WAL and a Kafka Connect worker publishes it (chapter 7, Kafka
+    /// only).
+    Cdc { delivery: cdc::worker::Delivery },
 }
 
 impl ProducerKind {
@@ -49,6 +53,7 @@ impl ProducerKind {
                 if relays == 1 { "" } else { "s" },
                 relay.wake.name()
             ),
+            ProducerKind::Cdc { delivery } => format!("outbox + Debezium ({})", delivery.name()),
         }
     }
 }
@@ -343,7 +348,7 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("placing order {}", order.order_id))?;
             }
-            ProducerKind::Outbox { .. } => {
+            ProducerKind::Outbox { .. } | ProducerKind::Cdc { .. } => {
                 shop::outbox_producer::place_order(&pool, &crashes, &order)
                     .await
                     .with_context(|| format!("placing order {}", order.order_id))?;

@@ -15,6 +15,7 @@ use queue::backend::{BackendKind, Broker, QueueSpec};
 use tokio::sync::mpsc;
 
 use crate::audit::Audit;
+use crate::cdc_relay::{CdcRelay, ConnectOutage};
 use crate::plan::ChaosPlan;
 use crate::report::{ConsumerScrape, DeadLetterSummary, RunReport};
 use crate::roles::{ProducerKind, Role, RunConfig};
@@ -61,6 +62,8 @@ pub struct RunSpec {
     /// Kafka: the consumers commit their offsets inside a Kafka transaction
     /// (chapter 6's boundary), instead of a plain offset commit.
     pub transactional_ack: bool,
+    /// CDC (chapter 7): when Kafka Connect is SIGKILLed and for how long.
+    pub connect_outage: Option<ConnectOutage>,
 }
 
 impl RunSpec {
@@ -86,6 +89,7 @@ impl RunSpec {
             heartbeat: None,
             publish_pace: None,
             transactional_ack: false,
+            connect_outage: None,
         }
     }
 }
@@ -379,7 +383,19 @@ pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<Run
     )
     .await;
 
-    // Clean up whatever happened; keep the logs if the run failed.
+    // Clean up whatever happened; keep the logs if the run failed. A CDC
+    // run's replication slot goes first: it keeps its database from being
+    // dropped, and its WAL from being recycled.
+    if let ProducerKind::Cdc { .. } = spec.producer {
+        if let Ok(admin) = databases::connect(&databases::admin_url(), 1).await {
+            let _ = cdc::slot::drop_slots_of_database(&admin, &shop.name).await;
+        }
+        let _ = cdc::topic::delete_topics(
+            &queue::kafka::brokers_from_env(),
+            &cdc::worker::internal_topics(&format!("eo.{run_id}")),
+        )
+        .await;
+    }
     let _ = broker.delete(&queue_spec).await;
     let _ = shop.drop_database().await;
     let _ = psp_db.drop_database().await;
@@ -416,6 +432,32 @@ async fn run_in(
     broker.declare(queue_spec).await?;
 
     std::fs::create_dir_all(work_dir)?;
+    let run_id = shop.name.trim_start_matches("eo_shop_");
+    let mut cdc_relay = match spec.producer {
+        ProducerKind::Cdc { delivery } => {
+            anyhow::ensure!(
+                backend == BackendKind::Kafka,
+                "Debezium's relay writes to Kafka: run it with --backend kafka"
+            );
+            eprintln!(
+                "starting Kafka Connect with Debezium ({}) ...",
+                delivery.name()
+            );
+            Some(
+                CdcRelay::start(
+                    delivery,
+                    run_id,
+                    &shop.name,
+                    &shop.url,
+                    &queue_spec.name,
+                    spec.connect_outage,
+                    work_dir,
+                )
+                .await?,
+            )
+        }
+        _ => None,
+    };
     let config = RunConfig {
         run_id: shop.name.clone(),
         variant: spec.variant,
@@ -506,10 +548,16 @@ async fn run_in(
                 if Instant::now() > deadline {
                     break Ok(false);
                 }
+                if let Some(relay) = cdc_relay.as_mut() {
+                    match relay.tick(&shop.pool).await {
+                        Ok(Some(line)) => tally.trace_all_in_flight(line),
+                        Ok(None) => {}
+                        Err(error) => break Err(format!("the CDC relay failed: {error:#}")),
+                    }
+                }
                 let quiet = tally.last_event.is_none_or(|t| t.elapsed() >= spec.quiet_period);
                 if tally.producer_done && tally.idle() && quiet
-                    && inspector.is_empty().await.unwrap_or(false)
-                    && outbox_drained(spec.producer, &shop.pool).await
+                    && relay_drained(spec.producer, &shop.pool, &inspector, &tally, cdc_relay.as_ref()).await
                 {
                     break Ok(true);
                 }
@@ -525,6 +573,17 @@ async fn run_in(
     }
     progress.finish(&tally);
     let _ = psp.shutdown().await;
+    let (connect_kills, topic_count) = match cdc_relay {
+        Some(relay) => {
+            let kills = relay.kills;
+            let count = relay
+                .finish(&queue_spec.name)
+                .await
+                .context("counting what Debezium wrote to the topic")?;
+            (kills, Some(count))
+        }
+        None => (0, None),
+    };
     let drained = outcome.map_err(|reason| anyhow::anyhow!(reason))?;
     if !drained {
         eprintln!(
@@ -561,11 +620,12 @@ async fn run_in(
         dead_lettered: tally.dead_lettered,
         requeued: tally.requeued.values().sum(),
         requeued_by_cause: tally.requeued.clone(),
-        kills: tally.consumer_kills + tally.producer_kills + tally.relay_kills,
+        kills: tally.consumer_kills + tally.producer_kills + tally.relay_kills + connect_kills,
         consumer_kills: tally.consumer_kills,
         producer_kills: tally.producer_kills,
-        relay_kills: tally.relay_kills,
-        republished: tally.republished,
+        relay_kills: tally.relay_kills + connect_kills,
+        republished: topic_count.map_or(tally.republished, |count| count.resent()),
+        topic_records: topic_count,
         relay_metrics,
         audit,
         double_charges_by_fault,
@@ -647,13 +707,34 @@ async fn record_until(
     Ok(())
 }
 
-/// With an outbox, a run is drained only when no row is pending.
-async fn outbox_drained(producer: ProducerKind, shop: &sqlx::PgPool) -> bool {
+/// Nothing left to deliver. With an outbox, only when no row is pending.
+/// With Debezium, the outbox rows are never marked: when every committed
+/// order was settled by a consumer, with Connect up. (Connect's exactly-once
+/// source leaves a transaction marker after each batch, one offset no
+/// consumer ever acks, so the group's lag does not reach 0 there.)
+async fn relay_drained(
+    producer: ProducerKind,
+    shop: &sqlx::PgPool,
+    inspector: &queue::backend::Inspector,
+    tally: &Tally,
+    cdc_relay: Option<&CdcRelay>,
+) -> bool {
     match producer {
-        ProducerKind::Naive => true,
-        ProducerKind::Outbox { .. } => shop::outbox_producer::pending_count(shop)
-            .await
-            .is_ok_and(|pending| pending == 0),
+        ProducerKind::Naive => inspector.is_empty().await.unwrap_or(false),
+        ProducerKind::Outbox { .. } => {
+            inspector.is_empty().await.unwrap_or(false)
+                && shop::outbox_producer::pending_count(shop)
+                    .await
+                    .is_ok_and(|pending| pending == 0)
+        }
+        ProducerKind::Cdc { .. } => {
+            cdc_relay.is_some_and(CdcRelay::is_up)
+                && shop::committed_order_ids(shop).await.is_ok_and(|orders| {
+                    orders
+                        .iter()
+                        .all(|order| tally.settled_orders.contains(order))
+                })
+        }
     }
 }
 
