@@ -121,3 +121,20 @@ stop_jvm() {
     fi
     rm -f "$pid_file"
 }
+
+# maven_jars NAME POM LIB [GOAL]: copies the pom's jars into LIB (or, with
+# GOAL unpack-dependencies, unpacks its archives there), once per version of
+# the pom (a stamp records which).
+maven_jars() {
+    local name=$1 pom=$2 lib=$3 goal=${4:-copy-dependencies} stamp
+    stamp="$(sha256sum "$pom" | cut -d' ' -f1)"
+    [ "$(cat "$lib/.pom.sha256" 2>/dev/null)" = "$stamp" ] && return 0
+    say "resolving $name from Maven Central into $lib"
+    rm -rf "$lib.partial"
+    mvn -q -B -Dstyle.color=never -f "$pom" "dependency:$goal" \
+        -DoutputDirectory="$lib.partial" -DmarkersDirectory="$lib.partial/.markers" ||
+        die "Maven could not resolve $name (see the output above)"
+    echo "$stamp" >"$lib.partial/.pom.sha256"
+    rm -rf "$lib"
+    mv "$lib.partial" "$lib"
+}

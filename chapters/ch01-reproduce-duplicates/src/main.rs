@@ -12,7 +12,7 @@
 
 use std::process::ExitCode;
 
-use chaos_lab::{Chapter, ChapterReport, Claim, FaultMix, Lab, Role};
+use chaos_lab::{Chapter, ChapterReport, Claim, FaultMix, Lab};
 use consumer::Variant;
 
 static CHAPTER: Chapter = Chapter {
@@ -24,10 +24,6 @@ static CHAPTER: Chapter = Chapter {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // The lab re-executes this binary as its consumer and producer processes.
-    if let Some(role) = Role::from_env() {
-        return role.run().await;
-    }
     chaos_lab::chapter::main(&CHAPTER, reproduce).await
 }
 

@@ -14,7 +14,7 @@
 
 use std::process::ExitCode;
 
-use chaos_lab::{ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab, Role};
+use chaos_lab::{ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab};
 use consumer::crash::CrashPoint;
 use consumer::Variant;
 
@@ -27,9 +27,6 @@ static CHAPTER: Chapter = Chapter {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if let Some(role) = Role::from_env() {
-        return role.run().await;
-    }
     chaos_lab::chapter::main(&CHAPTER, insert_first_dedup).await
 }
 

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chaos_lab::plan::ProducerFault;
-use chaos_lab::{BackendKind, ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab, Role};
+use chaos_lab::{BackendKind, ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab};
 use consumer::crash::CrashPoint;
 use consumer::Variant;
 use psp::FaultConfig;
@@ -32,9 +32,6 @@ static CHAPTER: Chapter = Chapter {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if let Some(role) = Role::from_env() {
-        return role.run().await;
-    }
     chaos_lab::chapter::main(&CHAPTER, idempotency_key).await
 }
 

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chaos_lab::roles::ProducerKind;
-use chaos_lab::{ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab, Role};
+use chaos_lab::{ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab};
 use consumer::Variant;
 use relay::RelayConfig;
 
@@ -41,9 +41,6 @@ fn outbox_with_relays(relays: usize) -> ProducerKind {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if let Some(role) = Role::from_env() {
-        return role.run().await;
-    }
     chaos_lab::chapter::main(&CHAPTER, transactional_outbox).await
 }
 

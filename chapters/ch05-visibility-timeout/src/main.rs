@@ -19,9 +19,7 @@ use std::time::Duration;
 
 use chaos_lab::plan::{Poison, ProducerFault};
 use chaos_lab::run::RunSpec;
-use chaos_lab::{
-    BackendKind, ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab, Role, RunReport,
-};
+use chaos_lab::{BackendKind, ChaosPlan, Chapter, ChapterReport, Claim, FaultMix, Lab, RunReport};
 use consumer::crash::CrashPoint;
 use consumer::{Heartbeat, Variant};
 use psp::FaultConfig;
@@ -52,9 +50,6 @@ const POISON_MAX_RECEIVES: u32 = 3;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if let Some(role) = Role::from_env() {
-        return role.run().await;
-    }
     chaos_lab::chapter::main(&CHAPTER, visibility_timeout).await
 }
 

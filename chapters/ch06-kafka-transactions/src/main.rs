@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use chaos_lab::{Chapter, ChapterReport, Claim, FaultMix, Lab, Role};
+use chaos_lab::{Chapter, ChapterReport, Claim, FaultMix, Lab};
 use clap::ValueEnum;
 use consumer::Variant;
 use kafka_transactions::exactly_once::TransformerCommand;
@@ -64,16 +64,13 @@ impl PartArgs {
 }
 
 fn main() -> ExitCode {
-    // The lab re-executes this binary as its consumer and producer
-    // processes, and part b as its transformer process.
+    // Part b re-executes this binary as its transformer process (the lab's
+    // consumer and producer processes are dispatched by chapter::main).
     if let Some(code) = kafka_transactions::run_transformer_if_requested() {
         return code;
     }
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     runtime.block_on(async {
-        if let Some(role) = Role::from_env() {
-            return role.run().await;
-        }
         chaos_lab::chapter::main_with_args(&CHAPTER, kafka_transactions_chapter).await
     })
 }

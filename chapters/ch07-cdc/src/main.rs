@@ -19,7 +19,7 @@ use std::time::Duration;
 use cdc::worker::Delivery;
 use chaos_lab::cdc_relay::ConnectOutage;
 use chaos_lab::roles::ProducerKind;
-use chaos_lab::{Chapter, ChapterReport, Claim, FaultMix, Lab, Role};
+use chaos_lab::{Chapter, ChapterReport, Claim, FaultMix, Lab};
 use clap::ValueEnum;
 use consumer::Variant;
 use queue::backend::BackendKind;
@@ -63,9 +63,6 @@ impl PartArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if let Some(role) = Role::from_env() {
-        return role.run().await;
-    }
     chaos_lab::chapter::main_with_args(&CHAPTER, cdc_chapter).await
 }
 

@@ -62,6 +62,7 @@ impl OutboxConnector {
                 .map(|(_, value)| value.into_owned())
                 .unwrap_or_default()
         };
+        // ANCHOR: connector_config
         let mut config = json!({
             "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
             "tasks.max": "1",
@@ -104,6 +105,7 @@ impl OutboxConnector {
             // One transaction per batch the task hands to Connect.
             config["transaction.boundary"] = json!("poll");
         }
+        // ANCHOR_END: connector_config
         Ok(config)
     }
 

@@ -13,7 +13,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use crate::CdcError;
 
 /// Records a consumer in `read_committed` mode sees on a topic.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TopicCount {
     pub records: u64,
     /// Distinct `message-id` headers: one per outbox event.

@@ -6,10 +6,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Audit {
     /// Orders committed in the shop database.
     pub orders_committed: u64,
@@ -26,6 +26,11 @@ pub struct Audit {
     /// Extra charges per order, for the orders charged more than once.
     #[serde(skip)]
     pub extra_charges_by_order: HashMap<String, u64>,
+    /// Committed orders by how many times the PSP charged them: 0, 1, 2,
+    /// and 3 or more.
+    pub charges_per_order: [u64; 4],
+    /// Committed orders not charged exactly once, sorted.
+    pub offending_orders: Vec<String>,
 }
 
 impl Audit {
@@ -52,7 +57,19 @@ impl Audit {
         payments_recorded: u64,
     ) -> Self {
         let charged = |order: &String| executed.get(order).copied().unwrap_or(0).max(0) as u64;
+        let mut charges_per_order = [0; 4];
+        for order in expected {
+            charges_per_order[charged(order).min(3) as usize] += 1;
+        }
+        let mut offending_orders: Vec<String> = expected
+            .iter()
+            .filter(|o| charged(o) != 1)
+            .cloned()
+            .collect();
+        offending_orders.sort();
         Self {
+            charges_per_order,
+            offending_orders,
             orders_committed: expected.len() as u64,
             charges_executed: executed.values().map(|&n| n.max(0) as u64).sum(),
             double_charges: expected.iter().map(|o| charged(o).saturating_sub(1)).sum(),
@@ -89,5 +106,7 @@ mod tests {
         assert_eq!(audit.lost_events, 2, "c and d were never charged");
         assert_eq!(audit.unexpected_charges, 2);
         assert_eq!(audit.payments_recorded, 5);
+        assert_eq!(audit.charges_per_order, [2, 1, 0, 1]);
+        assert_eq!(audit.offending_orders, ["b", "c", "d"]);
     }
 }

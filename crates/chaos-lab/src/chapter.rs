@@ -9,6 +9,7 @@ use queue::backend::BackendKind;
 
 use crate::plan::{ChaosPlan, FaultMix};
 use crate::report::{ChapterReport, Claim, RunReport};
+use crate::roles::Role;
 use crate::run::{self, RunSpec};
 
 #[derive(Debug, Clone, Parser)]
@@ -32,6 +33,9 @@ pub struct ChapterArgs<Extra: clap::Args = NoExtraArgs> {
     #[command(flatten)]
     pub extra: Extra,
 }
+
+/// When set, a chapter also writes its report as JSON to this path.
+pub const REPORT_JSON_ENV: &str = "EO_REPORT_JSON";
 
 /// For chapters with no arguments of their own.
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
@@ -70,6 +74,17 @@ impl Lab {
         RunSpec::new(variant, plan.clone(), self.consumers)
     }
 
+    /// The same lab (seed, size, consumers) on another broker.
+    pub fn on(&self, backend: BackendKind) -> Lab {
+        Lab {
+            chapter: self.chapter,
+            backend,
+            messages: self.messages,
+            seed: self.seed,
+            consumers: self.consumers,
+        }
+    }
+
     pub async fn run(&self, spec: RunSpec) -> anyhow::Result<RunReport> {
         eprintln!("running {} ({}) ...", spec.variant.name(), spec.scenario);
         run::execute(&spec, self.backend).await
@@ -87,6 +102,10 @@ impl Lab {
 /// Parses the command line, runs `body`, prints the report and turns the
 /// chapter's claims into the exit code: 0 when every claim holds, 1 when one
 /// fails, 2 when the run itself could not be carried out.
+///
+/// The lab starts its consumer, producer and relay processes by running the
+/// chapter's own binary again with [`crate::roles::ROLE_ENV`] set; such a
+/// process becomes that role here, before any argument is parsed.
 pub async fn main<F, Fut>(chapter: &'static Chapter, body: F) -> ExitCode
 where
     F: FnOnce(Lab) -> Fut,
@@ -103,6 +122,9 @@ where
     F: FnOnce(Lab, Extra) -> Fut,
     Fut: Future<Output = anyhow::Result<ChapterReport>>,
 {
+    if let Some(role) = Role::from_env() {
+        return role.run().await;
+    }
     let args = ChapterArgs::<Extra>::parse();
     let backend = args.backend.unwrap_or(chapter.backends[0]);
     if !chapter.backends.contains(&backend) {
@@ -141,11 +163,17 @@ where
             return ExitCode::from(2);
         }
     };
+    let json = serde_json::to_string_pretty(&report).expect("reports serialise");
+    // The book's build keeps the JSON beside the Markdown, for the pages
+    // that put several chapters' numbers side by side (scripts/headline).
+    if let Ok(path) = std::env::var(REPORT_JSON_ENV) {
+        if let Err(error) = std::fs::write(&path, &json) {
+            eprintln!("error: writing the report to {path}: {error}");
+            return ExitCode::from(2);
+        }
+    }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("reports serialise")
-        );
+        println!("{json}");
     } else {
         print!("{}", report.to_markdown());
     }

@@ -3,12 +3,12 @@
 //! The Markdown leaves out wall-clock times and anything else that churns
 //! between runs, so the book's pages change only when the numbers do.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::audit::Audit;
 
 /// The measured result of one variant under one chaos schedule.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     pub scenario: String,
     pub variant: String,
@@ -32,6 +32,8 @@ pub struct RunReport {
     /// SIGKILLs the supervisor saw, consumers and producer together.
     pub kills: u64,
     pub consumer_kills: u64,
+    /// Consumer SIGKILLs by the crash point reached.
+    pub kills_by_point: std::collections::BTreeMap<String, u64>,
     pub producer_kills: u64,
     pub relay_kills: u64,
     /// Publishes on a relay's second or later claim of a row: retries after
@@ -97,7 +99,7 @@ impl RunReport {
 }
 
 /// One message in the dead-letter queue.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetterSummary {
     /// The reason the consumer gave; empty if the broker moved it.
     pub reason: String,
@@ -107,14 +109,14 @@ pub struct DeadLetterSummary {
 }
 
 /// One consumer's `/metrics` text, scraped when the run had drained.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConsumerScrape {
     pub consumer: usize,
     pub text: String,
 }
 
 /// A sentence the chapter promises, and whether this run bore it out.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claim {
     pub statement: String,
     pub holds: bool,
@@ -129,7 +131,7 @@ impl Claim {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChapterReport {
     pub chapter: String,
     pub backend: String,
@@ -149,8 +151,36 @@ pub struct ChapterReport {
     pub measurements: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
+/// The headline of chapters' reports, one row per run: what ran, and the
+/// ledger's two counts. The book's write-up embeds it to put the
+/// before/after numbers of every chapter side by side, from the very runs
+/// the chapters' pages show.
+pub fn headline_markdown(reports: &[ChapterReport]) -> String {
+    let mut out = String::from(
+        "| chapter | scenario | broker | producer | consumer | messages | double charges | lost events | kills |\n\
+         |---|---|---|---|---|--:|--:|--:|--:|\n",
+    );
+    for report in reports {
+        for run in &report.runs {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                report.chapter,
+                run.scenario,
+                run.backend,
+                run.producer,
+                run.variant,
+                run.messages,
+                run.double_charges,
+                run.lost_events,
+                run.kills,
+            ));
+        }
+    }
+    out
+}
+
 /// A titled Markdown table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Table {
     pub title: String,
     pub header: Vec<String>,
@@ -158,7 +188,7 @@ pub struct Table {
 }
 
 /// A titled block of lines printed verbatim under the table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Section {
     pub title: String,
     pub lines: Vec<String>,
@@ -248,6 +278,53 @@ impl ChapterReport {
         self
     }
 
+    /// The brokers of the runs, in the order they first appear.
+    fn brokers(&self) -> Vec<String> {
+        let mut brokers: Vec<String> = Vec::new();
+        for run in &self.runs {
+            if !brokers.contains(&run.backend) {
+                brokers.push(run.backend.clone());
+            }
+        }
+        brokers
+    }
+
+    /// Adds the table of a long chaos run: the consumer SIGKILLs at each
+    /// crash point, and every committed order by how many times the PSP
+    /// charged it (the histogram whose only healthy shape is all in "1").
+    pub fn with_kills_and_charges_per_order(self) -> Self {
+        let points = consumer::crash::CrashPoint::ALL;
+        let mut header = vec!["broker", "consumer", "producer"];
+        let point_names: Vec<String> = points.iter().map(|p| format!("kills {p}")).collect();
+        header.extend(point_names.iter().map(String::as_str));
+        header.extend(["orders charged 0", "1", "2", "3+"]);
+        let rows = self
+            .runs
+            .iter()
+            .map(|run| {
+                let mut row = vec![
+                    run.backend.clone(),
+                    run.variant.clone(),
+                    run.producer.clone(),
+                ];
+                row.extend(points.iter().map(|p| {
+                    run.kills_by_point
+                        .get(p.name())
+                        .copied()
+                        .unwrap_or(0)
+                        .to_string()
+                }));
+                row.extend(run.audit.charges_per_order.iter().map(u64::to_string));
+                row
+            })
+            .collect();
+        self.with_table(
+            "Consumer SIGKILLs at each crash point, and committed orders by the number of charges in the PSP's ledger",
+            &header,
+            rows,
+        )
+    }
+
     pub fn to_markdown(&self) -> String {
         let mut out = self.runs_markdown();
         out.push_str(&self.tables_markdown());
@@ -270,13 +347,23 @@ impl ChapterReport {
         if self.runs.is_empty() {
             return String::new();
         }
+        // A report over several brokers names the broker on every row.
+        let brokers = self.brokers();
+        let multi = brokers.len() > 1;
         let mut out = format!(
-            "Backend `{}`, seed {}. Double charges, lost events and ledger rows are counted from the PSP's ledger; the other columns are the consumers' own counts.\n\n",
-            self.backend, self.seed
+            "{} `{}`, seed {}. Double charges, lost events and ledger rows are counted from the PSP's ledger; the other columns are the consumers' own counts.\n\n",
+            if multi { "Brokers" } else { "Backend" },
+            if multi { brokers.join("`, `") } else { self.backend.clone() },
+            self.seed
         );
+        out.push_str(if multi { "| broker " } else { "" });
         out.push_str("| scenario | producer | consumer | messages | double_charges | lost_events | ledger rows | deliveries | redeliveries | dedup_hits | dedup_hit_rate | requeued | dead_lettered | kills (consumer + producer + relay) |\n");
+        out.push_str(if multi { "|---" } else { "" });
         out.push_str("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         for run in &self.runs {
+            if multi {
+                out.push_str(&format!("| {} ", run.backend));
+            }
             out.push_str(&format!(
                 "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} ({} + {} + {}) |\n",
                 run.scenario,
@@ -411,6 +498,7 @@ mod tests {
             consumer_kills: 2,
             producer_kills: 1,
             relay_kills: 0,
+            kills_by_point: Default::default(),
             republished: 0,
             topic_records: None,
             relay_metrics: Vec::new(),
@@ -422,6 +510,8 @@ mod tests {
                 unexpected_charges: 0,
                 payments_recorded: 11,
                 extra_charges_by_order: Default::default(),
+                charges_per_order: [1, 7, 2, 0],
+                offending_orders: Vec::new(),
             },
             double_charges_by_fault: Default::default(),
             consumer_metrics: Vec::new(),

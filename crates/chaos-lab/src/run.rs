@@ -107,6 +107,10 @@ struct Tally {
     requeued: std::collections::BTreeMap<String, u64>,
     settled_orders: std::collections::HashSet<uuid::Uuid>,
     consumer_kills: u64,
+    /// Consumer SIGKILLs by the crash point the process had reached.
+    kills_by_point: std::collections::BTreeMap<String, u64>,
+    /// The crash point each consumer process announced before its SIGKILL.
+    crashing: HashMap<ProcessId, &'static str>,
     producer_kills: u64,
     relay_kills: u64,
     republished: u64,
@@ -235,6 +239,7 @@ impl Tally {
                     }
                 }
                 Observation::Crashing { order_id, point } => {
+                    self.crashing.insert(*process, point.name());
                     self.trace(
                         *order_id,
                         format!("consumer {} reaches {point}: SIGKILL", process.slot),
@@ -280,8 +285,15 @@ impl Tally {
                         );
                     }
                 }
+                let point = self.crashing.remove(process);
                 match process.role {
-                    Role::Consumer if killed && !stopping => self.consumer_kills += 1,
+                    Role::Consumer if killed && !stopping => {
+                        self.consumer_kills += 1;
+                        *self
+                            .kills_by_point
+                            .entry(point.unwrap_or("unannounced").to_owned())
+                            .or_default() += 1;
+                    }
                     Role::Producer if killed => self.producer_kills += 1,
                     Role::Producer if *exit == ExitKind::Code(0) => self.producer_done = true,
                     Role::Relay if killed && !stopping => {
@@ -596,9 +608,12 @@ async fn run_in(
     let audit = Audit::measure(&shop.pool, &psp_db.pool).await?;
     let mut double_charges_by_fault = std::collections::BTreeMap::new();
     for (order_id, extra) in &audit.extra_charges_by_order {
-        *double_charges_by_fault
-            .entry(spec.plan.fault_of(order_id).to_owned())
-            .or_insert(0) += extra;
+        let fault = match spec.plan.fault_of(order_id) {
+            // The PSP's slow charges are planned outside the schedule.
+            "no planned fault" if spec.psp_faults.slow_orders.contains(order_id) => "slow_charge",
+            fault => fault,
+        };
+        *double_charges_by_fault.entry(fault.to_owned()).or_insert(0) += extra;
     }
     Ok(RunReport {
         scenario: spec.scenario.clone(),
@@ -622,6 +637,7 @@ async fn run_in(
         requeued_by_cause: tally.requeued.clone(),
         kills: tally.consumer_kills + tally.producer_kills + tally.relay_kills + connect_kills,
         consumer_kills: tally.consumer_kills,
+        kills_by_point: tally.kills_by_point.clone(),
         producer_kills: tally.producer_kills,
         relay_kills: tally.relay_kills + connect_kills,
         republished: topic_count.map_or(tally.republished, |count| count.resent()),
