@@ -50,6 +50,9 @@ const SLOW_EVERY: usize = 50;
 /// How much longer than the visibility timeout a slow charge takes.
 const SLOW_BEYOND_LEASE: Duration = Duration::from_millis(1500);
 
+/// What one broker and variant should take on the book's machine.
+const WALL_TIME_GOAL: Duration = Duration::from_secs(120);
+
 /// Chapter 8's own arguments.
 #[derive(Debug, Clone, clap::Args)]
 struct EveryBackendArgs {
@@ -97,10 +100,16 @@ async fn chaos_run(lab: Lab, args: EveryBackendArgs) -> anyhow::Result<ChapterRe
     let wall_times = runs
         .iter()
         .map(|run| {
+            let seconds = run.elapsed_ms as f64 / 1000.0;
             vec![
                 run.backend.clone(),
                 run.variant.clone(),
-                format!("{:.0}", run.elapsed_ms as f64 / 1000.0),
+                format!("{seconds:.0}"),
+                if seconds < WALL_TIME_GOAL.as_secs_f64() {
+                    "PASS".to_owned()
+                } else {
+                    "MISS".to_owned()
+                },
             ]
         })
         .collect();
@@ -108,8 +117,8 @@ async fn chaos_run(lab: Lab, args: EveryBackendArgs) -> anyhow::Result<ChapterRe
         .report(runs, claims)
         .with_kills_and_charges_per_order()
         .with_table(
-            "Wall time of each run on this machine (a benchmark figure, not a claim; goal: under 2 minutes)",
-            &["broker", "consumer", "seconds"],
+            "Wall time of each run on this machine (a benchmark figure, not a claim)",
+            &["broker", "consumer", "seconds", "goal: under 2 minutes"],
             wall_times,
         );
     if !offending.is_empty() {
