@@ -514,7 +514,7 @@ where
     }
     if unreachable {
         QueueError::Connect {
-            url: endpoint.to_owned(),
+            url: telemetry::redact::redact_url(endpoint),
             reason: format!("{operation}: {reason}"),
         }
     } else {
