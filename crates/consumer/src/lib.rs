@@ -54,7 +54,12 @@ pub enum Variant {
     AckOnReceipt,
     /// INSERT-first dedup in the payment transaction; no Idempotency-Key.
     DedupOnly,
-    /// INSERT-first dedup and a stable Idempotency-Key on the charge.
+    /// INSERT-first dedup and a stable Idempotency-Key, both keyed on the
+    /// event id (message identity): chapter 3's first version. A producer
+    /// that emits a second event for one order gets it charged twice.
+    EventKeyed,
+    /// INSERT-first dedup and a stable Idempotency-Key, both keyed on the
+    /// order (business identity): one order, one payment.
     Hardened,
 }
 
@@ -64,6 +69,7 @@ impl Variant {
             Variant::Naive => "naive",
             Variant::AckOnReceipt => "naive-ack-on-receipt",
             Variant::DedupOnly => "dedup-without-key",
+            Variant::EventKeyed => "dedup-with-event-key",
             Variant::Hardened => "dedup-with-key",
         }
     }
@@ -210,13 +216,23 @@ impl PaymentConsumer {
                 hardened::handle_insert_first(self, receiver, delivery, decoded, ChargeKey::None)
                     .await?
             }
-            Variant::Hardened => {
+            Variant::EventKeyed => {
                 hardened::handle_insert_first(
                     self,
                     receiver,
                     delivery,
                     decoded,
                     ChargeKey::FromEvent,
+                )
+                .await?
+            }
+            Variant::Hardened => {
+                hardened::handle_insert_first(
+                    self,
+                    receiver,
+                    delivery,
+                    decoded,
+                    ChargeKey::FromOrder,
                 )
                 .await?
             }
