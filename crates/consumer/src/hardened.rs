@@ -66,7 +66,7 @@ pub async fn handle_insert_first(
 ) -> Result<Outcome, ConsumerError> {
     let event = match decoded {
         Ok(event) => event,
-        Err(error) => return dead_letter(receiver, delivery, error).await,
+        Err(error) => return dead_letter(consumer, receiver, delivery, error).await,
     };
     let mut tx = consumer.pool.begin().await?;
     if dedup::claim(&mut tx, &event, key.identity()).await? == FirstSeen::Duplicate {
@@ -125,8 +125,7 @@ async fn settle_duplicate(
             let reason = recorded.mismatch_reason(event);
             tracing::error!(event_id = %event.event_id, order_id = %event.order_id, %reason);
             crate::metrics::fingerprint_mismatch();
-            receiver.dead_letter(delivery, &reason).await?;
-            Ok(Outcome::DeadLettered { reason })
+            consumer.dead_letter(receiver, delivery, reason).await
         }
         recorded => {
             if recorded.is_some_and(|row| row.event_id != event.event_id) {
