@@ -234,6 +234,7 @@ mod tests {
     async fn a_wrong_password_is_reported_as_a_refused_login() {
         let admin: PgConnectOptions = admin_url().parse().expect("the admin URL parses");
         let wrong = admin
+            .clone()
             .password("certainly-not-the-password")
             .to_url_lossy()
             .to_string();
