@@ -12,7 +12,10 @@
 //!   was lost"): the naive consumer against the hardened one;
 //! - what a retry gets back: 409 while the first attempt is still in flight
 //!   (retried later), 422 when the key comes back with other parameters (a
-//!   poison message, dead-lettered with its reason, never charged twice).
+//!   poison message, dead-lettered with its reason, never charged twice);
+//! - a producer that emits a second event for an order under a fresh event
+//!   id: the consumer keyed on the event (message identity) against the one
+//!   keyed on the order (business identity).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -91,6 +94,18 @@ async fn idempotency_key(lab: Lab) -> anyhow::Result<ChapterReport> {
     spec.trace_orders = vec![poisoned.orders[0].order_id];
     let reused = lab.run(spec).await?;
 
+    // One order, two events: a quarter of the orders are published again
+    // as a new event (same order, same amount, a fresh event id).
+    let renewed_plan = second_events(&lab);
+    let renewed_orders = renewed_plan.count_producer_faults(ProducerFault::RepublishedNewId);
+    let second_event = |variant| {
+        let mut spec = lab.spec(variant, &renewed_plan);
+        spec.scenario = "second event for an order, fresh event id".into();
+        spec
+    };
+    let keyed_by_event = lab.run(second_event(Variant::EventKeyed)).await?;
+    let keyed_by_order = lab.run(second_event(Variant::Hardened)).await?;
+
     let after_charge = CrashPoint::AfterChargeBeforeCommit.name();
     let claims = vec![
         Claim::new(
@@ -129,6 +144,17 @@ async fn idempotency_key(lab: Lab) -> anyhow::Result<ChapterReport> {
                 && in_flight.audit.charges_executed == 1,
         ),
         same_key_other_amount(lab.backend, &reused),
+        Claim::new(
+            "a second event for an order under a fresh event id: keyed on the event, every such order is charged twice",
+            keyed_by_event.double_charges == renewed_orders as u64
+                && keyed_by_event.dedup_hits == 0,
+        ),
+        Claim::new(
+            "keyed on the order: the second event is a dedup hit, each order charged once",
+            keyed_by_order.double_charges == 0
+                && keyed_by_order.lost_events == 0
+                && keyed_by_order.dedup_hits == renewed_orders as u64,
+        ),
     ];
     let traces = |run: &chaos_lab::RunReport| run.traces.values().flatten().cloned().collect();
     let retry_metrics = hardened_lost.metric_lines(&["charges_total", "requeued_total"]);
@@ -143,6 +169,8 @@ async fn idempotency_key(lab: Lab) -> anyhow::Result<ChapterReport> {
                 hardened_lost,
                 in_flight,
                 reused,
+                keyed_by_event,
+                keyed_by_order,
             ],
             claims,
         )
@@ -154,21 +182,31 @@ async fn idempotency_key(lab: Lab) -> anyhow::Result<ChapterReport> {
         .with_section("422: the same key with another amount", reused_trace))
 }
 
+/// The plan of the identity runs: every fourth order (at least one) is
+/// published a second time as a new event.
+fn second_events(lab: &Lab) -> ChaosPlan {
+    let mut plan = ChaosPlan::generate(lab.seed, lab.messages, FaultMix::NONE);
+    for order in plan.orders.iter_mut().step_by(4) {
+        order.producer_fault = Some(ProducerFault::RepublishedNewId);
+    }
+    plan
+}
+
 /// What the altered copy of an event meets. On RabbitMQ and SQS another
 /// consumer takes it while the original's first attempt holds its dedup
 /// row, so it reaches the PSP with the key and another amount: 422. On
 /// Kafka both copies carry the order's key, so they sit on one partition in
 /// publish order and one consumer at a time reads them: the original is
 /// redelivered first (the PSP replays its charge) and commits its dedup row,
-/// and the copy behind it is a dedup hit. No 422 and no dead letter: the
-/// amended amount is dropped without a word, because dedup by event id
-/// assumes that an event never changes.
+/// and the copy behind it is a dedup hit whose fingerprint differs from
+/// what was charged: dead-lettered with the mismatch as its reason, never
+/// acked as an ordinary duplicate.
 fn same_key_other_amount(backend: BackendKind, reused: &chaos_lab::RunReport) -> Claim {
     let charged_once = reused.audit.charges_executed == 1;
     match backend {
         BackendKind::Kafka => Claim::new(
-            "same key, other amount: the copy waits behind the original on the order's partition and is a dedup hit; the order is charged once",
-            reused.dead_lettered == 0 && reused.dedup_hits == 1 && charged_once,
+            "same event id, other amount: the copy waits behind the original on the order's partition, its dedup hit has another fingerprint, and it is dead-lettered; the order is charged once",
+            reused.dead_lettered == 1 && reused.dedup_hits == 0 && charged_once,
         ),
         BackendKind::Rabbitmq | BackendKind::Sqs => Claim::new(
             "a 422 is dead-lettered with its reason; the order is charged once",

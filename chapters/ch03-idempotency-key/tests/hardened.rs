@@ -226,3 +226,24 @@ fn the_chapter_holds_its_claims_on_sqs() {
 fn the_chapter_holds_its_claims_on_kafka() {
     the_chapter_holds_its_claims_on("kafka");
 }
+
+/// A producer that retries by emitting a fresh event for the same order:
+/// keyed on the event id, each order is charged twice; keyed on the order
+/// (the hardened consumer), the second event is a dedup hit.
+#[tokio::test]
+async fn a_second_event_for_an_order_is_charged_once_only_when_keyed_on_the_order() {
+    let mut plan = ChaosPlan::generate(29, 6, FaultMix::NONE);
+    for order in &mut plan.orders {
+        order.producer_fault = Some(ProducerFault::RepublishedNewId);
+    }
+    let by_event = run(RunSpec::new(Variant::EventKeyed, plan.clone(), 2)).await;
+    assert_eq!(by_event.deliveries, 12);
+    assert_eq!(by_event.double_charges, 6, "every order charged twice");
+
+    let by_order = run(RunSpec::new(Variant::Hardened, plan, 2)).await;
+    assert_eq!(by_order.deliveries, 12);
+    assert_eq!(by_order.dedup_hits, 6);
+    assert_eq!(by_order.double_charges, 0);
+    assert_eq!(by_order.lost_events, 0);
+    assert_eq!(by_order.audit.charges_executed, 6);
+}

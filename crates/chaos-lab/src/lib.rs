@@ -17,8 +17,11 @@
 //!   PSP's ledger, as the design defines them.
 //! - [`report`]: the Markdown table and the JSON object a chapter prints.
 //! - [`chapter`]: the command line every chapter shares.
+//! - [`bad_input`]: the table of bad inputs from outside, each published by
+//!   a plain client and handled by the hardened consumer.
 
 pub mod audit;
+pub mod bad_input;
 pub mod cdc_relay;
 pub mod chapter;
 pub mod plan;

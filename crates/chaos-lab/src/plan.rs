@@ -27,6 +27,10 @@ pub enum ProducerFault {
     /// Published, then published again with the same event id and another
     /// amount: a producer bug that only the PSP's 422 can catch.
     RepublishedAltered,
+    /// Published, then published again as a new event: same order, same
+    /// amount, a fresh event id. A producer that retries by emitting a new
+    /// message; only a consumer keyed on the order sees one payment.
+    RepublishedNewId,
     /// With an outbox: the relay is SIGKILLed after the broker confirmed the
     /// order's event and before the row was marked sent.
     RelayCrashAfterPublish,
@@ -39,6 +43,7 @@ impl ProducerFault {
             ProducerFault::CrashAfterCommit => "crash_after_commit",
             ProducerFault::PublishedTwice => "published_twice",
             ProducerFault::RepublishedAltered => "republished_altered",
+            ProducerFault::RepublishedNewId => "republished_new_id",
             ProducerFault::RelayCrashAfterPublish => "relay_crash_after_publish",
         }
     }

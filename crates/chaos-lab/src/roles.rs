@@ -246,6 +246,7 @@ struct ChaosPublisher {
     dropped: HashSet<String>,
     duplicated: HashSet<String>,
     altered: HashSet<String>,
+    renewed: HashSet<String>,
     marker_dir: PathBuf,
 }
 
@@ -273,6 +274,19 @@ impl Publisher for ChaosPublisher {
                     ..message.clone()
                 };
                 self.inner.publish(&altered).await?;
+            }
+        }
+        if self.renewed.contains(&message.key) {
+            // Same order, same amount, a new event id: a producer whose
+            // retry builds a fresh message instead of re-sending the old one.
+            if let Ok(mut event) = payments::PaymentEvent::decode(&message.payload) {
+                event.event_id = Uuid::new_v4();
+                let renewed = OutgoingMessage {
+                    message_id: event.event_id.to_string(),
+                    payload: event.encode(),
+                    ..message.clone()
+                };
+                self.inner.publish(&renewed).await?;
             }
         }
         Ok(())
@@ -310,6 +324,7 @@ async fn chaos_publisher(config: &RunConfig, broker: &Broker) -> anyhow::Result<
         dropped: keys(ProducerFault::PublishDropped),
         duplicated: keys(ProducerFault::PublishedTwice),
         altered: keys(ProducerFault::RepublishedAltered),
+        renewed: keys(ProducerFault::RepublishedNewId),
         marker_dir: config.work_dir.clone(),
     })
 }

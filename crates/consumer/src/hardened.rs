@@ -6,8 +6,16 @@
 //! after the commit is now harmless (the redelivery is a duplicate), but a
 //! crash after the charge and before the commit still rolls the dedup row
 //! back, and the redelivery charges again. With [`ChargeKey::FromEvent`] it
-//! is chapter 3's: the PSP sees the same Idempotency-Key on the retry and
-//! replays the first charge instead of moving money twice.
+//! is chapter 3's first consumer: the PSP sees the same Idempotency-Key on
+//! the retry and replays the first charge instead of moving money twice.
+//! With [`ChargeKey::FromOrder`] it is the hardened consumer: the dedup row
+//! and the key are both the order's, so a second event for one order (a
+//! producer that retries with a fresh event id) is not a second payment.
+//!
+//! Every dedup hit compares the fingerprint of what was charged with what
+//! this delivery asks for. A mismatch is a producer bug: it is dead-lettered
+//! with its reason and counted (`dedup_fingerprint_mismatches_total`), never
+//! acked as an ordinary duplicate.
 //!
 //! The transaction stays open across the PSP call. That holds one pooled
 //! connection and one row lock per in-flight message for the PSP's latency;
@@ -18,18 +26,33 @@ use payments::{DecodeError, PaymentEvent};
 use queue::{Delivery, Receiver};
 
 use crate::crash::CrashPoint;
-use crate::dedup::{self, FirstSeen};
+use crate::dedup::{self, FirstSeen, Identity};
 use crate::naive::{charge_request, dead_letter, settle_failed_charge};
 use crate::observe::Outcome;
 use crate::{ConsumerError, PaymentConsumer};
 
-/// Whether the charge carries an Idempotency-Key.
+/// Whether the charge carries an Idempotency-Key, and which identity the
+/// dedup row and the key stand for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChargeKey {
-    /// Chapter 2: dedup only. Every PSP call may move money.
+    /// Chapter 2: dedup by event id only. Every PSP call may move money.
     None,
-    /// Chapter 3: a key derived from the event, the same on every retry.
+    /// Chapter 3, first version: dedup and key by the event id (message
+    /// identity). Two events for one order are two payments.
     FromEvent,
+    /// The hardened consumer: dedup and key by the order (business
+    /// identity). One order, one payment, whatever its events' ids.
+    FromOrder,
+}
+
+impl ChargeKey {
+    /// What counts as "already done" for this consumer.
+    pub fn identity(self) -> Identity {
+        match self {
+            ChargeKey::None | ChargeKey::FromEvent => Identity::Event,
+            ChargeKey::FromOrder => Identity::Order,
+        }
+    }
 }
 
 // ANCHOR: insert_first_consumer
@@ -43,15 +66,12 @@ pub async fn handle_insert_first(
 ) -> Result<Outcome, ConsumerError> {
     let event = match decoded {
         Ok(event) => event,
-        Err(error) => return dead_letter(receiver, delivery, error).await,
+        Err(error) => return dead_letter(consumer, receiver, delivery, error).await,
     };
     let mut tx = consumer.pool.begin().await?;
-    if dedup::insert_first(&mut tx, &event).await? == FirstSeen::Duplicate {
-        // Already charged and committed by someone: nothing left to do but
-        // tell the broker, so it stops redelivering.
+    if dedup::claim(&mut tx, &event, key.identity()).await? == FirstSeen::Duplicate {
         tx.rollback().await?;
-        receiver.ack(delivery).await?;
-        return Ok(Outcome::Duplicate);
+        return settle_duplicate(consumer, receiver, delivery, &event).await;
     }
     consumer.crash_point(CrashPoint::BeforeCharge, &event);
 
@@ -59,6 +79,7 @@ pub async fn handle_insert_first(
     let idempotency_key = match key {
         ChargeKey::None => None,
         ChargeKey::FromEvent => Some(dedup::idempotency_key(&event)),
+        ChargeKey::FromOrder => Some(dedup::order_idempotency_key(&event)),
     };
     let charged = consumer
         .psp
@@ -85,3 +106,36 @@ pub async fn handle_insert_first(
     })
 }
 // ANCHOR_END: insert_first_consumer
+
+// ANCHOR: settle_duplicate
+/// Already charged and committed by someone. If it was charged for what
+/// this delivery asks, there is nothing left to do but tell the broker, so
+/// it stops redelivering. If not, the producer sent one event id (or one
+/// order) with two different contents: acking would hide that bug, and
+/// charging would pay twice, so the delivery goes to the dead-letter queue
+/// with both sides named, and the mismatch is counted for an alert.
+async fn settle_duplicate(
+    consumer: &PaymentConsumer,
+    receiver: &mut dyn Receiver,
+    delivery: &Delivery,
+    event: &PaymentEvent,
+) -> Result<Outcome, ConsumerError> {
+    match dedup::recorded(&consumer.pool, event).await? {
+        Some(recorded) if !recorded.matches(event) => {
+            let reason = recorded.mismatch_reason(event);
+            tracing::error!(event_id = %event.event_id, order_id = %event.order_id, %reason);
+            crate::metrics::fingerprint_mismatch();
+            consumer.dead_letter(receiver, delivery, reason).await
+        }
+        recorded => {
+            if recorded.is_some_and(|row| row.event_id != event.event_id) {
+                // A second event for a charged order, same contents: the
+                // producer retried with a fresh event id.
+                crate::metrics::order_duplicate();
+            }
+            receiver.ack(delivery).await?;
+            Ok(Outcome::Duplicate)
+        }
+    }
+}
+// ANCHOR_END: settle_duplicate

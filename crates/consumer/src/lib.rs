@@ -54,7 +54,12 @@ pub enum Variant {
     AckOnReceipt,
     /// INSERT-first dedup in the payment transaction; no Idempotency-Key.
     DedupOnly,
-    /// INSERT-first dedup and a stable Idempotency-Key on the charge.
+    /// INSERT-first dedup and a stable Idempotency-Key, both keyed on the
+    /// event id (message identity): chapter 3's first version. A producer
+    /// that emits a second event for one order gets it charged twice.
+    EventKeyed,
+    /// INSERT-first dedup and a stable Idempotency-Key, both keyed on the
+    /// order (business identity): one order, one payment.
     Hardened,
 }
 
@@ -64,6 +69,7 @@ impl Variant {
             Variant::Naive => "naive",
             Variant::AckOnReceipt => "naive-ack-on-receipt",
             Variant::DedupOnly => "dedup-without-key",
+            Variant::EventKeyed => "dedup-with-event-key",
             Variant::Hardened => "dedup-with-key",
         }
     }
@@ -197,8 +203,7 @@ impl PaymentConsumer {
                     delivery.delivery_count.unwrap_or_default(),
                     self.max_receives.unwrap_or_default()
                 );
-                receiver.dead_letter(delivery, &reason).await?;
-                Outcome::DeadLettered { reason }
+                self.dead_letter(receiver, delivery, reason).await?
             }
             Variant::Naive => {
                 naive::handle_ack_after_commit(self, receiver, delivery, decoded).await?
@@ -210,13 +215,23 @@ impl PaymentConsumer {
                 hardened::handle_insert_first(self, receiver, delivery, decoded, ChargeKey::None)
                     .await?
             }
-            Variant::Hardened => {
+            Variant::EventKeyed => {
                 hardened::handle_insert_first(
                     self,
                     receiver,
                     delivery,
                     decoded,
                     ChargeKey::FromEvent,
+                )
+                .await?
+            }
+            Variant::Hardened => {
+                hardened::handle_insert_first(
+                    self,
+                    receiver,
+                    delivery,
+                    decoded,
+                    ChargeKey::FromOrder,
                 )
                 .await?
             }
@@ -261,6 +276,32 @@ impl PaymentConsumer {
                 point,
             });
             crash::kill_this_process();
+        }
+    }
+
+    /// Moves a delivery to the dead-letter queue with `reason`. If the
+    /// dead-letter queue refuses the copy (SQS: over the size limit even
+    /// without attributes), the original is untouched: it is handed back,
+    /// never dropped, and the consumer carries on; the broker's redrive
+    /// policy moves it once it has been received too often.
+    pub(crate) async fn dead_letter(
+        &self,
+        receiver: &mut dyn Receiver,
+        delivery: &Delivery,
+        reason: String,
+    ) -> Result<Outcome, ConsumerError> {
+        match receiver.dead_letter(delivery, &reason).await {
+            Ok(()) => Ok(Outcome::DeadLettered { reason }),
+            Err(QueueError::DeadLetterRefused { reason: refused }) => {
+                tracing::error!(%reason, %refused, "the dead-letter queue refused the message; handed back");
+                self.requeue_later(
+                    receiver,
+                    delivery,
+                    format!("the dead-letter queue refused it ({refused}); it was: {reason}"),
+                )
+                .await
+            }
+            Err(error) => Err(error.into()),
         }
     }
 

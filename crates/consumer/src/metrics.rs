@@ -23,6 +23,12 @@ pub const LOST: &str = "lost_total";
 pub const PROCESSING_SECONDS: &str = "processing_seconds";
 pub const SETTLED_LATE: &str = "settled_after_lease_expired_total";
 pub const LEASE_EXTENSIONS: &str = "lease_extensions_total";
+/// Dedup hits whose fingerprint differs from what was charged: a producer
+/// bug. Any increase deserves an alert.
+pub const FINGERPRINT_MISMATCHES: &str = "dedup_fingerprint_mismatches_total";
+/// Dedup hits by order under another event id (the hardened consumer only):
+/// a producer that retries by emitting a fresh event.
+pub const ORDER_DUPLICATES: &str = "dedup_order_hits_total";
 
 /// Bucket bounds for the processing time: from a fast local charge to a PSP
 /// call that ran into its timeout.
@@ -96,6 +102,16 @@ impl DeliveryMetrics {
         };
         metrics::gauge!(DEDUP_HIT_RATE).set(rate);
     }
+}
+
+/// A dedup hit with another fingerprint, dead-lettered.
+pub fn fingerprint_mismatch() {
+    metrics::counter!(FINGERPRINT_MISMATCHES).increment(1);
+}
+
+/// A dedup hit on the order from another event id, same contents.
+pub fn order_duplicate() {
+    metrics::counter!(ORDER_DUPLICATES).increment(1);
 }
 
 /// One beat of the visibility heartbeat (from the heartbeat's own task).

@@ -27,7 +27,7 @@ pub async fn handle_ack_after_commit(
 ) -> Result<Outcome, ConsumerError> {
     let event = match decoded {
         Ok(event) => event,
-        Err(error) => return dead_letter(receiver, delivery, error).await,
+        Err(error) => return dead_letter(consumer, receiver, delivery, error).await,
     };
     consumer.crash_point(CrashPoint::BeforeCharge, &event);
 
@@ -58,7 +58,7 @@ pub async fn handle_ack_on_receipt(
 ) -> Result<Outcome, ConsumerError> {
     let event = match decoded {
         Ok(event) => event,
-        Err(error) => return dead_letter(receiver, delivery, error).await,
+        Err(error) => return dead_letter(consumer, receiver, delivery, error).await,
     };
     // The broker forgets the message now. From here on, a crash loses it.
     receiver.ack(delivery).await?;
@@ -96,13 +96,13 @@ pub(crate) fn charge_request(event: &PaymentEvent) -> ChargeRequest {
 /// A payload that is not a payment event can never succeed: dead-letter it
 /// with the decoder's reason rather than crash or redeliver it forever.
 pub(crate) async fn dead_letter(
+    consumer: &PaymentConsumer,
     receiver: &mut dyn Receiver,
     delivery: &Delivery,
     error: DecodeError,
 ) -> Result<Outcome, ConsumerError> {
     let reason = format!("undecodable payment event: {error}");
-    receiver.dead_letter(delivery, &reason).await?;
-    Ok(Outcome::DeadLettered { reason })
+    consumer.dead_letter(receiver, delivery, reason).await
 }
 
 /// The PSP said no, or said nothing. Permanent refusals go to the
@@ -116,8 +116,7 @@ pub(crate) async fn settle_failed_charge(
     match error {
         ChargeError::KeyReused | ChargeError::Rejected { .. } => {
             let reason = format!("the PSP refused the charge: {error}");
-            receiver.dead_letter(delivery, &reason).await?;
-            Ok(Outcome::DeadLettered { reason })
+            consumer.dead_letter(receiver, delivery, reason).await
         }
         // Not this message's fault, and no retry will fix it: hand the
         // message back and stop this process with a clear error, rather than

@@ -127,3 +127,99 @@ fn the_idempotency_key_depends_on_the_event_id_only() {
         consumer::dedup::idempotency_key(&self::event())
     );
 }
+
+#[tokio::test]
+async fn keyed_on_the_order_a_second_event_for_it_is_a_duplicate() {
+    use consumer::dedup::{claim, recorded, Identity};
+    let db = fresh().await;
+    let first = event();
+    let mut second = first.clone();
+    second.event_id = Uuid::new_v4();
+    let mut tx = db.pool.begin().await.unwrap();
+    assert_eq!(
+        claim(&mut tx, &first, Identity::Order).await.unwrap(),
+        FirstSeen::New
+    );
+    tx.commit().await.unwrap();
+
+    // Keyed on the event, the second event is new: the failure chapter 3 measures.
+    let mut tx = db.pool.begin().await.unwrap();
+    assert_eq!(
+        claim(&mut tx, &second, Identity::Event).await.unwrap(),
+        FirstSeen::New
+    );
+    tx.rollback().await.unwrap();
+    // Keyed on the order, it is a duplicate, of the same payment.
+    let mut tx = db.pool.begin().await.unwrap();
+    assert_eq!(
+        claim(&mut tx, &second, Identity::Order).await.unwrap(),
+        FirstSeen::Duplicate
+    );
+    tx.rollback().await.unwrap();
+    let row = recorded(&db.pool, &second)
+        .await
+        .unwrap()
+        .expect("the first row");
+    assert_eq!(row.event_id, first.event_id);
+    assert!(row.matches(&second));
+
+    let mut other_amount = second.clone();
+    other_amount.amount_cents += 1;
+    assert!(!row.matches(&other_amount));
+    assert!(row.mismatch_reason(&other_amount).contains(&format!(
+        "order {} was already charged by event",
+        first.order_id
+    )));
+    db.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_same_event_id_with_another_amount_does_not_match_its_row() {
+    use consumer::dedup::recorded;
+    let db = fresh().await;
+    let event = event();
+    let mut tx = db.pool.begin().await.unwrap();
+    insert_first(&mut tx, &event).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut altered = event.clone();
+    altered.amount_cents = 9_999;
+    let row = recorded(&db.pool, &altered).await.unwrap().unwrap();
+    assert!(row.matches(&event));
+    assert!(!row.matches(&altered));
+    assert!(row
+        .mismatch_reason(&altered)
+        .starts_with("dedup fingerprint mismatch: event"));
+    db.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_database_from_before_fingerprints_upgrades_in_place() {
+    let db = FreshDatabase::create("consumer_dedup_test", 2)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE processed_messages (event_id uuid NOT NULL, order_id uuid NOT NULL, \
+         processed_at timestamptz NOT NULL DEFAULT now(), \
+         CONSTRAINT processed_messages_event_id_key PRIMARY KEY (event_id))",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let old = event();
+    sqlx::query("INSERT INTO processed_messages (event_id, order_id) VALUES ($1, $2)")
+        .bind(old.event_id)
+        .bind(old.order_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    consumer::apply_schema(&db.pool).await.unwrap();
+    consumer::apply_schema(&db.pool).await.unwrap();
+    // An old row has no fingerprint: a redelivery of it is a plain duplicate.
+    let row = consumer::dedup::recorded(&db.pool, &old)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.fingerprint, None);
+    assert!(row.matches(&old));
+    db.drop_database().await.unwrap();
+}

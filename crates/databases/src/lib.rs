@@ -24,8 +24,14 @@ pub const DEFAULT_ADMIN_URL: &str = "postgres://eo:eo@127.0.0.1:5432/postgres";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseError {
-    #[error("cannot reach Postgres at {url} (is it up? run scripts/services-up): {source}")]
+    /// The cause is the error's `source`, not part of its text: `anyhow`
+    /// prints the chain, and a cause in both places is printed twice.
+    #[error("cannot reach Postgres at {url} (is it up? run scripts/services-up)")]
     Unreachable { url: String, source: sqlx::Error },
+    /// The server answered and refused the login (SQLSTATE 28P01 or 28000):
+    /// Postgres is up, and starting it again would not help.
+    #[error("Postgres at {url} refused the login for user {user} (wrong password?)")]
+    AuthenticationFailed { url: String, user: String },
     #[error("`{0}` is not a safe database name: use lowercase letters, digits and _")]
     UnsafeName(String),
     #[error("database statement failed: {0}")]
@@ -81,11 +87,39 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, Database
         .acquire_timeout(Duration::from_secs(15))
         .connect(url)
         .await
-        .map_err(|source| DatabaseError::Unreachable {
+        .map_err(|source| connect_error(url, source))
+}
+
+/// Sorts a failed connection: a refused login is reported as one, anything
+/// else as a server that cannot be reached.
+fn connect_error(url: &str, source: sqlx::Error) -> DatabaseError {
+    let refused_login = matches!(
+        &source,
+        sqlx::Error::Database(error)
+            if matches!(error.code().as_deref(), Some(INVALID_PASSWORD | INVALID_AUTHORIZATION))
+    );
+    if refused_login {
+        let user = url
+            .parse::<PgConnectOptions>()
+            .map(|options| options.get_username().to_owned())
+            .unwrap_or_else(|_| "(unknown)".to_owned());
+        DatabaseError::AuthenticationFailed {
+            url: redact(url),
+            user,
+        }
+    } else {
+        DatabaseError::Unreachable {
             url: redact(url),
             source,
-        })
+        }
+    }
 }
+
+/// SQLSTATE `invalid_password`: the password was wrong.
+const INVALID_PASSWORD: &str = "28P01";
+/// SQLSTATE `invalid_authorization_specification`: pg_hba.conf refused the
+/// user or no such role exists.
+const INVALID_AUTHORIZATION: &str = "28000";
 
 pub async fn create_database(name: &str) -> Result<(), DatabaseError> {
     check_name(name)?;
@@ -124,10 +158,7 @@ async fn admin_connection() -> Result<PgConnection, DatabaseError> {
     let url = admin_url();
     PgConnection::connect(&url)
         .await
-        .map_err(|source| DatabaseError::Unreachable {
-            url: redact(&url),
-            source,
-        })
+        .map_err(|source| connect_error(&url, source))
 }
 
 fn check_name(name: &str) -> Result<(), DatabaseError> {
@@ -143,18 +174,10 @@ fn check_name(name: &str) -> Result<(), DatabaseError> {
     }
 }
 
-/// Hides the password of a connection string before it reaches a log line.
+/// Hides every credential of a connection string (the userinfo's password
+/// and `?password=`, `?sslpassword=`, ...) before it reaches a log line.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}://{user}:***{}", &url[..scheme_end], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
+    telemetry::redact::redact_url(url)
 }
 
 #[cfg(test)]
@@ -176,5 +199,60 @@ mod tests {
             "postgres://eo:***@127.0.0.1:5432/postgres"
         );
         assert_eq!(redact("postgres://127.0.0.1/x"), "postgres://127.0.0.1/x");
+        assert_eq!(
+            redact("postgres://eo@127.0.0.1:5432/x?password=secret&sslpassword=s2"),
+            "postgres://eo@127.0.0.1:5432/x?password=***&sslpassword=***"
+        );
+    }
+
+    /// A connection error's text never shows a password from the query
+    /// string (the error sqlx gives for an unreachable server).
+    #[tokio::test]
+    async fn connection_errors_never_show_a_query_password() {
+        let url = "postgres://eo@127.0.0.1:1/x?password=hunter2&connect_timeout=1";
+        let error = connect(url, 1)
+            .await
+            .expect_err("nothing listens on port 1");
+        let text = format!("{error}: {:?}", anyhow_like_chain(&error));
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("password=***"), "{text}");
+    }
+
+    fn anyhow_like_chain(error: &dyn std::error::Error) -> Vec<String> {
+        let mut chain = Vec::new();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            chain.push(cause.to_string());
+            source = cause.source();
+        }
+        chain
+    }
+
+    /// Against the book's Postgres: a wrong password is an authentication
+    /// failure, said once, and not "cannot reach Postgres".
+    #[tokio::test]
+    async fn a_wrong_password_is_reported_as_a_refused_login() {
+        let admin: PgConnectOptions = admin_url().parse().expect("the admin URL parses");
+        let wrong = admin
+            .clone()
+            .password("certainly-not-the-password")
+            .to_url_lossy()
+            .to_string();
+        let error = connect(&wrong, 1).await.expect_err("the login is refused");
+        let text = error.to_string();
+        assert!(
+            matches!(error, DatabaseError::AuthenticationFailed { .. }),
+            "{text}"
+        );
+        assert_eq!(
+            text,
+            format!(
+                "Postgres at {} refused the login for user {} (wrong password?)",
+                redact(&wrong),
+                admin.get_username()
+            )
+        );
+        assert!(!text.contains("is it up"), "{text}");
+        assert!(!text.contains("certainly-not-the-password"), "{text}");
     }
 }

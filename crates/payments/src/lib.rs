@@ -3,6 +3,8 @@
 //! # Layout
 //!
 //! - [`PaymentEvent`]: the wire format, JSON with exactly five fields.
+//! - [`currency`]: the ISO 4217 codes a payment may be in, shared with the
+//!   PSP's validation.
 //! - [`PaymentEvent::decode`]: strict decoding. A malformed event is a
 //!   [`DecodeError`] value that the consumer dead-letters with its reason;
 //!   it never panics and never becomes a charge of the wrong amount.
@@ -16,6 +18,8 @@
 //!   "created_at": "2026-11-27T10:15:00Z"
 //! }
 //! ```
+
+pub mod currency;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -36,7 +40,7 @@ pub struct PaymentEvent {
     pub order_id: Uuid,
     /// Positive, in the currency's minor unit (cents), at most 100,000,000.
     pub amount_cents: i64,
-    /// ISO 4217 code: three upper-case ASCII letters.
+    /// An active ISO 4217 code (see [`currency::ISO_4217`]).
     pub currency: String,
     /// When the shop committed the order, RFC 3339 in UTC.
     pub created_at: DateTime<Utc>,
@@ -52,6 +56,8 @@ pub enum DecodeError {
     Amount(i64),
     #[error("currency must be three upper-case letters (ISO 4217), got {0:?}")]
     Currency(String),
+    #[error("unknown currency {0} (not an ISO 4217 code)")]
+    UnknownCurrency(String),
 }
 
 impl PaymentEvent {
@@ -84,12 +90,11 @@ impl PaymentEvent {
         if !(1..=MAX_AMOUNT_CENTS).contains(&self.amount_cents) {
             return Err(DecodeError::Amount(self.amount_cents));
         }
-        let currency_ok =
-            self.currency.len() == 3 && self.currency.chars().all(|c| c.is_ascii_uppercase());
-        if !currency_ok {
-            return Err(DecodeError::Currency(self.currency.clone()));
+        match currency::check(&self.currency) {
+            Ok(()) => Ok(()),
+            Err(currency::CurrencyError::Shape(code)) => Err(DecodeError::Currency(code)),
+            Err(currency::CurrencyError::Unknown(code)) => Err(DecodeError::UnknownCurrency(code)),
         }
-        Ok(())
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -184,6 +189,15 @@ mod tests {
                 Err(DecodeError::Currency(currency.into()))
             );
         }
+    }
+
+    #[test]
+    fn currencies_must_be_iso_4217_codes() {
+        assert_eq!(
+            PaymentEvent::decode(&with("currency", "QQQ".into())),
+            Err(DecodeError::UnknownCurrency("QQQ".into()))
+        );
+        assert!(PaymentEvent::decode(&with("currency", "JPY".into())).is_ok());
     }
 
     #[test]

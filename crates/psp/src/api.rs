@@ -20,7 +20,7 @@ pub const IDEMPOTENT_REPLAYED_HEADER: &str = "Idempotent-Replayed";
 pub struct ChargeRequest {
     pub order_id: String,
     pub amount_cents: i64,
-    /// ISO 4217 code, three uppercase letters.
+    /// An active ISO 4217 code ([`payments::currency::ISO_4217`]).
     pub currency: String,
 }
 
@@ -54,15 +54,9 @@ impl ChargeRequest {
                 self.amount_cents
             ));
         }
-        let currency_ok =
-            self.currency.len() == 3 && self.currency.bytes().all(|b| b.is_ascii_uppercase());
-        if !currency_ok {
-            return Err(format!(
-                "currency must be three uppercase letters (ISO 4217), got {:?}",
-                self.currency
-            ));
-        }
-        Ok(())
+        // The same list the shop's consumer decodes with: a real PSP knows
+        // which currencies exist, and `QQQ` is not one of them.
+        payments::currency::check(&self.currency).map_err(|error| error.to_string())
     }
 }
 
@@ -145,6 +139,13 @@ mod tests {
         assert!(ChargeRequest::new("o", 1, "eur").validate().is_err());
         assert!(ChargeRequest::new("o", 1, "EURO").validate().is_err());
         assert!(ChargeRequest::new("o", 1, "ÉUR").validate().is_err());
+    }
+
+    #[test]
+    fn currencies_must_exist() {
+        let refused = ChargeRequest::new("o", 1, "QQQ").validate().unwrap_err();
+        assert_eq!(refused, "unknown currency QQQ (not an ISO 4217 code)");
+        assert!(ChargeRequest::new("o", 1, "JPY").validate().is_ok());
     }
 
     #[test]

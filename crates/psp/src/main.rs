@@ -36,8 +36,8 @@ async fn main() -> Result<()> {
     tracing::info!(
         "psp listening on {} (database {}, latency {} ms, error rate {}, lost-response rate {}, seed {})",
         running.base_url(),
-        // The query string only carries driver options.
-        databases::redact(database_url.split('?').next().unwrap_or_default()),
+        // Every credential hidden, the userinfo's and the query string's.
+        databases::redact(&database_url),
         faults.latency.as_millis(),
         faults.error_rate,
         faults.lost_response_rate,

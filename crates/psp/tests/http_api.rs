@@ -90,6 +90,10 @@ async fn invalid_bodies_and_keys_are_400_and_charge_nothing() {
             r#"{"order_id":"o-400","amount_cents":100,"currency":"eur"}"#,
         ),
         (
+            "unknown currency",
+            r#"{"order_id":"o-400","amount_cents":100,"currency":"QQQ"}"#,
+        ),
+        (
             "empty order",
             r#"{"order_id":"","amount_cents":100,"currency":"EUR"}"#,
         ),

@@ -101,6 +101,11 @@ pub enum QueueError {
         operation: &'static str,
         reason: String,
     },
+    /// The dead-letter queue refused the copy (on SQS: a message over the
+    /// size limit). Nothing happened to the original, which is still
+    /// unsettled: hand it back, and the broker's own redrive moves it.
+    #[error("the dead-letter queue refused the message: {reason}")]
+    DeadLetterRefused { reason: String },
     #[error("the delivery stream ended: the connection or channel closed")]
     StreamClosed,
     #[error("receipt {0:?} does not belong to this backend")]

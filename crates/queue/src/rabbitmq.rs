@@ -33,6 +33,23 @@ pub fn url_from_env() -> String {
     std::env::var("EO_AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
 }
 
+/// The header a quorum queue sets on a redelivered message: how many times
+/// it was handed out before.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// RabbitMQ's queue types, as far as a consumer can tell them apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// The classic queue: it flags a redelivery, and counts nothing. An
+    /// `x-delivery-count` header on one of its messages came from whoever
+    /// published it.
+    #[default]
+    Classic,
+    /// A quorum queue (`x-queue-type: quorum`, always durable): the broker
+    /// sets `x-delivery-count` on each redelivery.
+    Quorum,
+}
+
 /// One work queue, its dead-letter exchange and its dead-letter queue.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -41,15 +58,27 @@ pub struct Topology {
     pub durable: bool,
     /// Leg 2: persistent messages are written to disk before they are confirmed.
     pub persistent: bool,
+    /// Which type is declared, and so whose `x-delivery-count` a delivery
+    /// carries: the broker's (quorum) or a publisher's (classic).
+    pub queue_type: QueueType,
 }
 
 impl Topology {
-    /// The hardened defaults: durable queue, persistent messages.
+    /// The hardened defaults: durable classic queue, persistent messages.
     pub fn durable(queue: impl Into<String>) -> Self {
         Self {
             queue: queue.into(),
             durable: true,
             persistent: true,
+            queue_type: QueueType::Classic,
+        }
+    }
+
+    /// A quorum queue (durable by definition), persistent messages.
+    pub fn quorum(queue: impl Into<String>) -> Self {
+        Self {
+            queue_type: QueueType::Quorum,
+            ..Self::durable(queue)
         }
     }
 
@@ -75,7 +104,8 @@ impl RabbitBroker {
             .await
             .map_err(|error| QueueError::Connect {
                 url: redact(url),
-                reason: error.to_string(),
+                // A parse error may quote the URL it could not parse.
+                reason: error.to_string().replace(url, &redact(url)),
             })?;
         Ok(Self {
             connection: std::sync::Arc::new(connection),
@@ -155,6 +185,12 @@ impl RabbitBroker {
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(dlx.into()),
         );
+        if topology.queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
         channel
             .queue_declare(
                 &topology.queue,
@@ -330,15 +366,27 @@ impl RabbitReceiver {
     }
 }
 
-fn to_delivery(message: lapin::message::Delivery) -> Delivery {
+/// The delivery as the consumer sees it. Its `delivery_count` is only ever
+/// a count the broker set: a classic queue sets none, so a header of that
+/// name there is a publisher's and is ignored (trusting it let a valid event
+/// carrying `x-delivery-count: 99` be dead-lettered as "received too often"
+/// without ever being charged). A quorum queue sets it on redeliveries only,
+/// so on a first delivery any value is again a publisher's.
+fn to_delivery(message: lapin::message::Delivery, queue_type: QueueType) -> Delivery {
     let properties = &message.properties;
-    let delivery_count = properties.headers().as_ref().and_then(|headers| {
-        match headers.inner().get("x-delivery-count") {
+    let broker_counts = queue_type == QueueType::Quorum && message.redelivered;
+    let delivery_count = properties
+        .headers()
+        .as_ref()
+        .filter(|_| broker_counts)
+        .and_then(|headers| match headers.inner().get(DELIVERY_COUNT_HEADER) {
+            // The header counts earlier deliveries; ours counts this one too,
+            // as SQS's ApproximateReceiveCount does.
             Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
             Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
             _ => None,
-        }
-    });
+        })
+        .map(|earlier| earlier.saturating_add(1));
     Delivery {
         message_id: properties.message_id().as_ref().map(|id| id.to_string()),
         redelivered: message.redelivered,
@@ -357,13 +405,15 @@ impl crate::Receiver for RabbitReceiver {
             Ok(None) => return Err(QueueError::StreamClosed),
             Ok(Some(result)) => result.map_err(|e| QueueError::broker("basic.deliver", e))?,
         };
-        batch.push(to_delivery(first));
+        let queue_type = self.topology.queue_type;
+        batch.push(to_delivery(first, queue_type));
         // Take whatever else is already buffered, without waiting for more.
         while batch.len() < max {
             match self.consumer.next().now_or_never() {
                 Some(Some(result)) => {
                     batch.push(to_delivery(
                         result.map_err(|e| QueueError::broker("basic.deliver", e))?,
+                        queue_type,
                     ));
                 }
                 Some(None) | None => break,
@@ -520,15 +570,8 @@ impl QueueInspector for RabbitInspector {
     }
 }
 
+/// The URL as it may be printed: AMQP URLs carry the password in the
+/// userinfo and may carry more credentials in the query string.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}://{user}:***{}", &url[..scheme_end], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
+    telemetry::redact::redact_url(url)
 }

@@ -107,6 +107,15 @@ pub const DEAD_LETTER_REASON_ATTRIBUTE: &str = "dead-letter-reason";
 /// The message attribute that names the queue a dead letter came from.
 pub const ORIGINAL_QUEUE_ATTRIBUTE: &str = "original-queue";
 
+/// The largest message SQS takes (256 KiB), counting the body and every
+/// message attribute's name, data type and value (AWS: "the message size
+/// includes the message body and any message attributes").
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// The data type every attribute of ours has.
+const STRING_TYPE: &str = "String";
+/// What a shortened dead-letter reason ends with.
+const TRUNCATED: &str = " [truncated: the full reason is in the consumer's log]";
+
 /// SQS hands out and deletes at most 10 messages per call.
 pub const MAX_BATCH: usize = 10;
 /// The longest long poll SQS allows (`WaitTimeSeconds`).
@@ -514,7 +523,7 @@ where
     }
     if unreachable {
         QueueError::Connect {
-            url: endpoint.to_owned(),
+            url: telemetry::redact::redact_url(endpoint),
             reason: format!("{operation}: {reason}"),
         }
     } else {
@@ -569,6 +578,79 @@ fn whole_seconds(duration: Duration) -> i32 {
     let capped = duration.min(MAX_VISIBILITY);
     let seconds = capped.as_secs() + u64::from(capped.subsec_nanos() > 0);
     i32::try_from(seconds).unwrap_or(i32::MAX)
+}
+
+/// The attributes a dead letter carries, fitted around a body of
+/// `body_bytes` so that the whole message stays within
+/// [`MAX_MESSAGE_BYTES`]. In order of what an operator needs most: the
+/// reason (shortened at a character boundary when it does not fit whole,
+/// left out when not even a short one fits), the message id, the original
+/// queue. The body is never touched: without it the dead letter is useless.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterAttributes {
+    pub reason: Option<String>,
+    pub message_id: Option<String>,
+    pub original_queue: Option<String>,
+}
+
+impl DeadLetterAttributes {
+    fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            (DEAD_LETTER_REASON_ATTRIBUTE, self.reason.as_deref()),
+            (MESSAGE_ID_ATTRIBUTE, self.message_id.as_deref()),
+            (ORIGINAL_QUEUE_ATTRIBUTE, self.original_queue.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|value| (name, value)))
+    }
+
+    /// Bytes these attributes add to a message, as SQS counts them.
+    pub fn size(&self) -> usize {
+        self.pairs()
+            .map(|(name, value)| attribute_size(name, value))
+            .sum()
+    }
+}
+
+/// One String attribute's share of the message size: name, type, value.
+fn attribute_size(name: &str, value: &str) -> usize {
+    name.len() + STRING_TYPE.len() + value.len()
+}
+
+pub fn dead_letter_attributes(
+    body_bytes: usize,
+    reason: &str,
+    message_id: Option<&str>,
+    original_queue: &str,
+) -> DeadLetterAttributes {
+    let mut budget = MAX_MESSAGE_BYTES.saturating_sub(body_bytes);
+    // SQS refuses empty attribute values: nothing to say, no attribute.
+    let mut take = |name: &str, value: &str, shorten: bool| -> Option<String> {
+        if value.is_empty() {
+            return None;
+        }
+        let whole = attribute_size(name, value);
+        if whole <= budget {
+            budget -= whole;
+            return Some(value.to_owned());
+        }
+        let room = budget.checked_sub(name.len() + STRING_TYPE.len() + TRUNCATED.len())?;
+        if !shorten || room < 16 {
+            return None;
+        }
+        let mut cut = room.min(value.len());
+        while !value.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let shortened = format!("{}{TRUNCATED}", &value[..cut]);
+        budget -= attribute_size(name, &shortened);
+        Some(shortened)
+    };
+    DeadLetterAttributes {
+        reason: take(DEAD_LETTER_REASON_ATTRIBUTE, reason, true),
+        message_id: message_id.and_then(|id| take(MESSAGE_ID_ATTRIBUTE, id, false)),
+        original_queue: take(ORIGINAL_QUEUE_ATTRIBUTE, original_queue, false),
+    }
 }
 
 fn string_attribute(value: &str) -> Result<MessageAttributeValue, QueueError> {
@@ -824,29 +906,41 @@ impl crate::Receiver for SqsReceiver {
             .broker
             .queue_url(&self.topology.dead_letter_queue())
             .await?;
+        // The body travels byte for byte; the attributes get what is left of
+        // the 256 KiB (see `dead_letter_attributes`).
+        let attributes = dead_letter_attributes(
+            body.len(),
+            reason,
+            delivery.message_id.as_deref(),
+            &self.topology.queue,
+        );
+        if attributes.reason.as_deref() != Some(reason) && !reason.is_empty() {
+            tracing::warn!(
+                body_bytes = body.len(),
+                reason,
+                "dead-letter reason shortened to fit SQS's 256 KiB with the body"
+            );
+        }
         let mut request = self
             .broker
             .client
             .send_message()
             .queue_url(dlq_url)
-            .message_body(body)
-            .message_attributes(
-                ORIGINAL_QUEUE_ATTRIBUTE,
-                string_attribute(&self.topology.queue)?,
-            );
-        if !reason.is_empty() {
-            request =
-                request.message_attributes(DEAD_LETTER_REASON_ATTRIBUTE, string_attribute(reason)?);
-        }
-        if let Some(id) = delivery.message_id.as_deref().filter(|id| !id.is_empty()) {
-            request = request.message_attributes(MESSAGE_ID_ATTRIBUTE, string_attribute(id)?);
+            .message_body(body);
+        for (name, value) in attributes.pairs() {
+            request = request.message_attributes(name, string_attribute(value)?);
         }
         // Copy first, delete second: if we die in between, the message is in
         // both queues, which is a duplicate in the DLQ, never a loss.
-        request
-            .send()
-            .await
-            .map_err(|e| self.broker.error("SendMessage(dead letter)", e))?;
+        request.send().await.map_err(|error| {
+            let error = self.broker.error("SendMessage(dead letter)", error);
+            match error {
+                // The DLQ refused the copy itself: the original stays where it
+                // is, and the consumer must not die of it.
+                QueueError::Broker { reason, .. } => QueueError::DeadLetterRefused { reason },
+                other => other,
+            }
+        })?;
         self.broker
             .client
             .delete_message()
@@ -1039,6 +1133,45 @@ mod tests {
         let mut slow = topology("ok");
         slow.visibility_timeout = Duration::from_secs(43_201);
         assert!(slow.validate().is_err());
+    }
+
+    #[test]
+    fn a_dead_letter_of_a_small_body_keeps_every_attribute() {
+        let attributes = dead_letter_attributes(100, "bad amount", Some("m-1"), "eo-q");
+        assert_eq!(attributes.reason.as_deref(), Some("bad amount"));
+        assert_eq!(attributes.message_id.as_deref(), Some("m-1"));
+        assert_eq!(attributes.original_queue.as_deref(), Some("eo-q"));
+        let empty = dead_letter_attributes(100, "", Some(""), "eo-q");
+        assert_eq!((empty.reason, empty.message_id), (None, None));
+    }
+
+    #[test]
+    fn a_maximal_body_leaves_no_room_and_the_body_wins() {
+        let reason = "undecodable payment event: ".repeat(20);
+        let full = dead_letter_attributes(MAX_MESSAGE_BYTES, &reason, Some("m-1"), "eo-q");
+        assert_eq!(full.size(), 0, "{full:?}");
+        assert_eq!(full.reason, None);
+
+        // Near the limit: the reason is shortened, and the total never
+        // exceeds 256 KiB, whatever the body's size.
+        for body in (MAX_MESSAGE_BYTES - 400)..=MAX_MESSAGE_BYTES {
+            let fitted = dead_letter_attributes(body, &reason, Some("m-1"), "eo-q");
+            assert!(body + fitted.size() <= MAX_MESSAGE_BYTES, "body {body}");
+        }
+        let near = dead_letter_attributes(MAX_MESSAGE_BYTES - 200, &reason, Some("m-1"), "eo-q");
+        let shortened = near.reason.expect("a shortened reason fits in 200 bytes");
+        assert!(shortened.ends_with(TRUNCATED), "{shortened}");
+        assert!(shortened.starts_with("undecodable payment event: "));
+    }
+
+    #[test]
+    fn a_shortened_reason_is_cut_at_a_character_boundary() {
+        let reason = "é".repeat(1000);
+        for body in (MAX_MESSAGE_BYTES - 300)..(MAX_MESSAGE_BYTES - 100) {
+            let fitted = dead_letter_attributes(body, &reason, None, "q");
+            // Building the String would have panicked on a split character.
+            assert!(body + fitted.size() <= MAX_MESSAGE_BYTES);
+        }
     }
 
     #[test]

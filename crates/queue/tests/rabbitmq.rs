@@ -630,6 +630,101 @@ async fn connecting_to_a_closed_port_says_how_to_start_the_broker() {
 }
 
 #[tokio::test]
+async fn a_password_in_the_query_string_never_reaches_the_error() {
+    for url in [
+        "amqp://guest@127.0.0.1:1/%2f?password=s3cret-in-query",
+        "amqp://guest:s3cret-in-query@127.0.0.1:1/%2f?auth_token=s3cret-in-query",
+    ] {
+        let error = match RabbitBroker::connect(url).await {
+            Err(error) => error,
+            Ok(_) => panic!("connected to port 1?"),
+        };
+        let text = format!("{error} {error:?}");
+        assert!(!text.contains("s3cret-in-query"), "password leaked: {text}");
+    }
+}
+
+// Delivery counts ------------------------------------------------------------
+
+/// Publishes `payload` with an `x-delivery-count` header of the publisher's
+/// own, the way any AMQP client can.
+async fn publish_with_delivery_count_header(queue: &str, payload: &[u8], count: i64) {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let connection =
+        lapin::Connection::connect(&url_from_env(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        queue::rabbitmq::DELIVERY_COUNT_HEADER.into(),
+        AMQPValue::LongLongInt(count),
+    );
+    channel
+        .basic_publish(
+            "",
+            queue,
+            BasicPublishOptions::default(),
+            payload,
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    connection.close(200, "published").await.unwrap();
+}
+
+/// A classic queue counts nothing: a publisher's `x-delivery-count` is not
+/// the broker's count, on the first delivery or on a redelivery.
+#[tokio::test]
+async fn a_publisher_set_delivery_count_on_a_classic_queue_is_ignored() {
+    let broker = connect().await;
+    let queue = TestQueue::declared(&broker).await;
+    publish_with_delivery_count_header(&queue.topology.queue, b"counted?", 99).await;
+
+    let mut receiver = broker.receiver(&queue.topology, 1).await.unwrap();
+    let first = receive_one(&mut receiver).await;
+    assert_eq!(first.payload, b"counted?");
+    assert_eq!(first.delivery_count, None, "{first:?}");
+    receiver.requeue(&first).await.unwrap();
+    let again = receive_one(&mut receiver).await;
+    assert!(again.redelivered);
+    assert_eq!(again.delivery_count, None, "{again:?}");
+    receiver.ack(&again).await.unwrap();
+    broker.close().await.unwrap();
+    queue.delete().await;
+}
+
+/// A quorum queue counts: its own `x-delivery-count` on each redelivery
+/// replaces whatever the publisher put there.
+#[tokio::test]
+async fn a_quorum_queue_counts_deliveries_itself() {
+    let broker = connect().await;
+    let queue = TestQueue {
+        topology: Topology::quorum(unique_queue()),
+        armed: true,
+    };
+    broker.declare(&queue.topology).await.expect("declare");
+    publish_with_delivery_count_header(&queue.topology.queue, b"counted", 99).await;
+
+    let mut receiver = broker.receiver(&queue.topology, 1).await.unwrap();
+    let first = receive_one(&mut receiver).await;
+    assert_eq!(first.delivery_count, None, "first delivery: {first:?}");
+    receiver.requeue(&first).await.unwrap();
+    let second = receive_one(&mut receiver).await;
+    assert_eq!(second.delivery_count, Some(2), "{second:?}");
+    receiver.requeue(&second).await.unwrap();
+    let third = receive_one(&mut receiver).await;
+    assert_eq!(third.delivery_count, Some(3), "{third:?}");
+    receiver.ack(&third).await.unwrap();
+    broker.close().await.unwrap();
+    queue.delete().await;
+}
+
+#[tokio::test]
 async fn settling_with_a_foreign_receipt_is_refused() {
     let broker = connect().await;
     let queue = TestQueue::declared(&broker).await;

@@ -1,6 +1,11 @@
 //! Each process's Prometheus recorder and its `GET /metrics` endpoint: what
 //! the consumer and the relay processes share. Which metrics they record,
 //! and what they refresh before a scrape, stays with them.
+//!
+//! [`redact`]: what a connection string may show in a log line; every
+//! service prints URLs through it.
+
+pub mod redact;
 
 use std::future::Future;
 use std::net::SocketAddr;
