@@ -16,6 +16,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
+use cdc::comparison::ComparisonConfig;
+use cdc::operations::OperationsConfig;
 use cdc::worker::Delivery;
 use chaos_lab::cdc_relay::ConnectOutage;
 use chaos_lab::roles::ProducerKind;
@@ -70,6 +73,65 @@ async fn cdc_chapter(lab: Lab, args: PartArgs) -> anyhow::Result<ChapterReport> 
     let mut report = lab.report(Vec::new(), Vec::new());
     if args.runs(Part::Chaos) {
         report = connect_killed(&lab, report).await?;
+    }
+    if args.runs(Part::Compare) {
+        report = compare(&args, report).await?;
+    }
+    if args.runs(Part::Operations) {
+        report = operations(&args, report).await?;
+    }
+    Ok(report)
+}
+
+/// b. The four relays under the same load, one after another.
+async fn compare(args: &PartArgs, report: ChapterReport) -> anyhow::Result<ChapterReport> {
+    eprintln!("b. pollers, NOTIFY and Debezium under one load ...");
+    let mut config = ComparisonConfig::default();
+    if let Some(seconds) = args.compare_seconds {
+        config = config.with_duration(Duration::from_secs(seconds));
+    }
+    let comparison = cdc::comparison::compare_relays(&config)
+        .await
+        .context("comparing the relays")?;
+    if let Some(dir) = &args.charts {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("ch07-relay-latency-cdf.svg");
+        comparison
+            .write_cdf_chart(&path)
+            .with_context(|| format!("drawing {}", path.display()))?;
+    }
+    let claim = Claim::new(
+        "every relay delivered every committed event under both loads (none lost)",
+        comparison.lost() == 0,
+    );
+    Ok(report
+        .with_measurement("comparison", comparison.to_markdown(), &comparison)
+        .with_claim(claim))
+}
+
+/// c. Connect down for a while, the abandoned slot, the outbox's size.
+async fn operations(args: &PartArgs, report: ChapterReport) -> anyhow::Result<ChapterReport> {
+    eprintln!("c. what running CDC costs an operator ...");
+    let mut config = OperationsConfig::default();
+    if let Some(seconds) = args.outage_seconds {
+        config = config.with_outage(Duration::from_secs(seconds));
+    }
+    let operations = cdc::operations::measure_operations(&config)
+        .await
+        .context("measuring Connect's outage, the abandoned slot and the outbox's size")?;
+    let claims = [
+        Claim::new(
+            "Kafka Connect down while the shop kept writing: the slot held the WAL, and no event was lost",
+            operations.lost() == 0 && operations.retained_bytes() > 0,
+        ),
+        Claim::new(
+            "max_slot_wal_keep_size invalidated the abandoned slot once it held more WAL than allowed",
+            operations.slot_invalidated(),
+        ),
+    ];
+    let mut report = report.with_measurement("operations", operations.to_markdown(), &operations);
+    for claim in claims {
+        report = report.with_claim(claim);
     }
     Ok(report)
 }

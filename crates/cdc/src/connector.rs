@@ -11,8 +11,11 @@ use crate::CdcError;
 /// The knobs chapter 7 tunes for latency (see its page for why).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
-    /// How long Debezium's task waits for new changes when its queue is
-    /// empty (Debezium's default is 500 ms: the latency floor).
+    /// How long Debezium's task gathers changes before it hands them to
+    /// Connect: a poll returns when `max_batch_size` changes are there or
+    /// when this has passed, so below a full batch per interval every change
+    /// waits up to this long (Debezium's default is 500 ms; chapter 7's
+    /// comparison measures it as `RelayKind::DebeziumDefaults`).
     pub poll_interval: Duration,
     /// Changes handed to Connect per poll.
     pub max_batch_size: u32,
@@ -25,9 +28,18 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Self {
-            poll_interval: Duration::from_millis(50),
+            // Chapter 7's comparison: at 2,000 changes/s a batch of 2,048
+            // never fills, so the interval, not the batch, ends every poll
+            // and is the latency floor. 10 ms instead of Debezium's 500 ms
+            // (and of the 50 ms tried first) is the one knob that moved p50
+            // and p99; the price is a task that wakes 100 times a second.
+            // The batch and queue stay at Debezium's defaults: they only
+            // matter while a backlog drains (the restart after an outage).
+            poll_interval: Duration::from_millis(10),
             max_batch_size: 2048,
             max_queue_size: 8192,
+            // Kafka 4's producer default: a record waits at most 5 ms for
+            // others to share its request.
             producer_linger: Duration::from_millis(5),
         }
     }

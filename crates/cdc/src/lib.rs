@@ -13,6 +13,11 @@
 //!   dropping it safely.
 //! - [`topic`]: what reached the topic: records, distinct events, and so
 //!   the records Debezium sent more than once.
+//! - [`comparison`]: chapter 7's measurement of the four relays (pollers at
+//!   1 s and 100 ms, LISTEN/NOTIFY, Debezium) under one load: latency,
+//!   Postgres's share, WAL, the extra processes.
+//! - [`operations`]: what CDC costs an operator: Connect down for a minute,
+//!   the abandoned slot and `max_slot_wal_keep_size`, the outbox's size.
 //!
 //! # What it guarantees
 //!
@@ -24,7 +29,9 @@
 //! sends nothing twice *to Kafka*: the consumer's dedup is still what makes
 //! the charge happen once (the consumer's own crashes, chapter 2).
 
+pub mod comparison;
 pub mod connector;
+pub mod operations;
 pub mod slot;
 pub mod topic;
 pub mod worker;
@@ -66,4 +73,20 @@ pub enum CdcError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("Postgres: {0}")]
+    Postgres(sqlx::Error),
+    #[error("{0}")]
+    Database(#[from] databases::DatabaseError),
+    #[error("{0}")]
+    Shop(#[from] shop::ShopError),
+    #[error("{0}")]
+    Queue(#[from] queue::QueueError),
+    #[error("{0}")]
+    Relay(#[from] relay::RelayError),
+    #[error("drawing the chart {0}")]
+    Chart(String),
+    #[error("measurement: {0}")]
+    Measurement(String),
+    #[error("configuration: {0}")]
+    Config(String),
 }

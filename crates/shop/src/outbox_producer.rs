@@ -52,6 +52,67 @@ pub async fn place_order(
 }
 // ANCHOR_END: outbox_write
 
+// ANCHOR: outbox_write_without_notify
+/// What [`place_order_without_notify`] leaves in the outbox table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowAfterCommit {
+    /// The row stays, for a relay that polls the table (or for an audit).
+    Kept,
+    /// The row is deleted again before the commit (chapter 7): Debezium
+    /// reads the event from the write-ahead log, where the INSERT is
+    /// recorded whatever happens to the row afterwards, and its EventRouter
+    /// drops the DELETE. The table never holds more than the transactions
+    /// in flight, and no cleanup job is needed. Only for CDC: a polling
+    /// relay would never see the row.
+    Deleted,
+}
+
+/// The outbox write for readers that do not LISTEN: a polling relay, or
+/// Debezium reading the WAL. The order and its outbox row in one
+/// transaction, as in [`place_order`], but without the NOTIFY.
+///
+/// A NOTIFY is not free: to keep the notification queue in commit order,
+/// Postgres lets one notifying transaction commit at a time (a lock held
+/// from before the commit until after its WAL flush, for the whole server),
+/// so notifying orders cannot share a WAL flush. Only the LISTEN/NOTIFY
+/// relay needs it.
+pub async fn place_order_without_notify(
+    pool: &PgPool,
+    faults: &dyn ProducerFaults,
+    order: &Order,
+    row: RowAfterCommit,
+) -> Result<(), ShopError> {
+    let created_at = Utc::now();
+    let event = order.payment_event(created_at);
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO orders (order_id, amount_cents, currency, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(order.order_id)
+    .bind(order.amount_cents)
+    .bind(&order.currency)
+    .bind(created_at)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO outbox (event_id, aggregate_id, payload) VALUES ($1, $2, $3)")
+        .bind(event.event_id)
+        .bind(order.order_id)
+        .bind(String::from_utf8(event.encode()).expect("the wire format is UTF-8 JSON"))
+        .execute(&mut *tx)
+        .await?;
+    if row == RowAfterCommit::Deleted {
+        sqlx::query("DELETE FROM outbox WHERE event_id = $1")
+            .bind(event.event_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+
+    faults.after_commit(order); // a crash here loses nothing: the WAL has the event
+    Ok(())
+}
+// ANCHOR_END: outbox_write_without_notify
+
 /// Outbox rows not yet marked sent.
 pub async fn pending_count(pool: &PgPool) -> Result<i64, ShopError> {
     Ok(
