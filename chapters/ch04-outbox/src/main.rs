@@ -95,7 +95,14 @@ async fn transactional_outbox(lab: Lab) -> anyhow::Result<ChapterReport> {
         ),
     ];
     let trace = demo.traces.values().flatten().cloned().collect();
-    let relay_lines = relay_metric_lines(&outbox);
+    let relay_lines = outbox.relay_metric_lines(&[
+        "outbox_pending",
+        "outbox_oldest_pending_age_seconds",
+        "relay_published_total",
+        "relay_republished_total",
+        "relay_publish_failures_total",
+        "relay_publish_latency_seconds_count",
+    ]);
     Ok(lab
         .report(vec![demo, naive, outbox], claims)
         .with_section("The dropped publish, step by step", trace)
@@ -103,33 +110,4 @@ async fn transactional_outbox(lab: Lab) -> anyhow::Result<ChapterReport> {
             "What the relays served on /metrics after the outbox run",
             relay_lines,
         ))
-}
-
-fn relay_metric_lines(run: &chaos_lab::RunReport) -> Vec<String> {
-    let wanted = [
-        "outbox_pending",
-        "outbox_oldest_pending_age_seconds",
-        "relay_published_total",
-        "relay_republished_total",
-        "relay_publish_failures_total",
-        "relay_publish_latency_seconds_count",
-    ];
-    run.relay_metrics
-        .iter()
-        .flat_map(|scrape| {
-            let mut lines: Vec<String> = scrape
-                .text
-                .lines()
-                .filter(|line| {
-                    wanted
-                        .iter()
-                        .any(|w| line.split_whitespace().next() == Some(w))
-                })
-                .map(|line| format!("relay {}: {line}", scrape.consumer))
-                .collect();
-            // The exporter's order is not stable; the book's page should be.
-            lines.sort();
-            lines
-        })
-        .collect()
 }

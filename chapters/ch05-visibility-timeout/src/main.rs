@@ -176,56 +176,12 @@ async fn visibility_timeout(lab: Lab) -> anyhow::Result<ChapterReport> {
         tail_heartbeat,
         poison,
     ];
-    let timeouts = runs.iter().map(timeout_row).collect();
     let poison = runs.last().expect("the poison run");
-    let dead_letters = poison
-        .dead_letters
-        .iter()
-        .map(|letter| {
-            format!(
-                "{}: {}",
-                letter
-                    .order_id
-                    .as_deref()
-                    .map(|id| format!("order {id}"))
-                    .unwrap_or_else(|| format!(
-                        "{} bytes, not a payment event",
-                        letter.payload_bytes
-                    )),
-                if letter.reason.is_empty() {
-                    "(no reason: moved by the redrive policy)"
-                } else {
-                    &letter.reason
-                }
-            )
-        })
-        .collect();
-    let traces = poison
-        .traces
-        .iter()
-        .flat_map(|(order, lines)| {
-            std::iter::once(format!("order {order}:")).chain(lines.iter().map(|l| format!("  {l}")))
-        })
-        .collect();
+    let dead_letters = poison.dead_letter_lines();
+    let traces = poison.trace_lines();
     Ok(lab
         .report(runs.clone(), claims)
-        .with_table(
-            "Leases, side by side (counts from the consumers; charge times from receive to settle)",
-            &[
-                "scenario",
-                "consumer",
-                "visibility timeout",
-                "heartbeat",
-                "charge p50 / p99 (ms)",
-                "double_charges",
-                "redeliveries",
-                "dedup_hits",
-                "late acks",
-                "lease extensions",
-                "dead_lettered",
-            ],
-            timeouts,
-        )
+        .with_lease_table()
         .with_section("The poison run's dead-letter queue", dead_letters)
         .with_section("The poison run's traces", traces))
 }
@@ -251,24 +207,6 @@ fn sized(p99_ms: u64) -> Duration {
 
 fn seconds(duration: Duration) -> String {
     format!("{} s", duration.as_secs_f64())
-}
-
-fn timeout_row(run: &RunReport) -> Vec<String> {
-    vec![
-        run.scenario.clone(),
-        run.variant.clone(),
-        run.visibility_timeout_ms
-            .map(|ms| seconds(Duration::from_millis(ms)))
-            .unwrap_or_else(|| "n/a".into()),
-        if run.heartbeat { "yes" } else { "no" }.into(),
-        format!("{} / {}", run.charge_time_p50_ms, run.charge_time_p99_ms),
-        run.double_charges.to_string(),
-        run.redeliveries.to_string(),
-        run.dedup_hits.to_string(),
-        run.settled_late.to_string(),
-        run.lease_extensions.to_string(),
-        run.dead_lettered.to_string(),
-    ]
 }
 
 fn claims(

@@ -49,6 +49,12 @@ const EVERY_FAULT: FaultMix = FaultMix {
 const SLOW_EVERY: usize = 50;
 /// How much longer than the visibility timeout a slow charge takes.
 const SLOW_BEYOND_LEASE: Duration = Duration::from_millis(1500);
+/// The shop places an order every this long, below what the consumers
+/// drain: a message whose visibility timeout ran out queues up behind the
+/// waiting ones (ElasticMQ orders by when a message is next visible), so
+/// only a short queue lets a second consumer take it while the first still
+/// works, as in production, where queues are short.
+const ORDER_PACE: Duration = Duration::from_millis(25);
 
 /// What one broker and variant should take on the book's machine.
 const WALL_TIME_GOAL: Duration = Duration::from_secs(120);
@@ -145,6 +151,7 @@ fn spec(lab: &Lab, plan: &ChaosPlan, variant: Variant) -> RunSpec {
         },
         _ => ProducerKind::Naive,
     };
+    spec.publish_pace = Some(ORDER_PACE);
     spec.psp_faults = FaultConfig {
         slow_latency: spec.visibility_timeout + SLOW_BEYOND_LEASE,
         slow_orders: plan

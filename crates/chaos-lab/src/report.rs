@@ -83,6 +83,61 @@ impl RunReport {
             .unwrap_or(0)
     }
 
+    /// The lines of every relay's scrape whose metric name is one of
+    /// `names`, each prefixed with the relay it came from; sorted within a
+    /// relay, because the exporter's order is not stable and the book's
+    /// page should be.
+    pub fn relay_metric_lines(&self, names: &[&str]) -> Vec<String> {
+        self.relay_metrics
+            .iter()
+            .flat_map(|scrape| {
+                let mut lines: Vec<String> = scrape
+                    .text
+                    .lines()
+                    .filter(|line| {
+                        line.split_whitespace()
+                            .next()
+                            .is_some_and(|name| names.contains(&name))
+                    })
+                    .map(|line| format!("relay {}: {line}", scrape.consumer))
+                    .collect();
+                lines.sort();
+                lines
+            })
+            .collect()
+    }
+
+    /// One line per message left in the dead-letter queue: its order (or
+    /// the size of a payload that is no payment event) and its reason.
+    pub fn dead_letter_lines(&self) -> Vec<String> {
+        self.dead_letters
+            .iter()
+            .map(|letter| {
+                let what = match &letter.order_id {
+                    Some(id) => format!("order {id}"),
+                    None => format!("{} bytes, not a payment event", letter.payload_bytes),
+                };
+                let reason = if letter.reason.is_empty() {
+                    "(no reason: moved by the redrive policy)"
+                } else {
+                    &letter.reason
+                };
+                format!("{what}: {reason}")
+            })
+            .collect()
+    }
+
+    /// Every traced order, its lines indented under it.
+    pub fn trace_lines(&self) -> Vec<String> {
+        self.traces
+            .iter()
+            .flat_map(|(order, lines)| {
+                std::iter::once(format!("order {order}:"))
+                    .chain(lines.iter().map(|line| format!("  {line}")))
+            })
+            .collect()
+    }
+
     /// The lines of every consumer's scrape whose metric name starts with
     /// one of `prefixes`, each prefixed with the consumer it came from.
     pub fn metric_lines(&self, prefixes: &[&str]) -> Vec<String> {
@@ -289,6 +344,51 @@ impl ChapterReport {
         brokers
     }
 
+    /// Adds chapter 5's table of leases, side by side: per run, the
+    /// visibility timeout and heartbeat, the charge times, and what the
+    /// consumers saw of the lease running out.
+    pub fn with_lease_table(self) -> Self {
+        let seconds = |ms: u64| format!("{} s", ms as f64 / 1000.0);
+        let rows = self
+            .runs
+            .iter()
+            .map(|run| {
+                vec![
+                    run.scenario.clone(),
+                    run.variant.clone(),
+                    run.visibility_timeout_ms
+                        .map(seconds)
+                        .unwrap_or_else(|| "n/a".into()),
+                    if run.heartbeat { "yes" } else { "no" }.into(),
+                    format!("{} / {}", run.charge_time_p50_ms, run.charge_time_p99_ms),
+                    run.double_charges.to_string(),
+                    run.redeliveries.to_string(),
+                    run.dedup_hits.to_string(),
+                    run.settled_late.to_string(),
+                    run.lease_extensions.to_string(),
+                    run.dead_lettered.to_string(),
+                ]
+            })
+            .collect();
+        self.with_table(
+            "Leases, side by side (counts from the consumers; charge times from receive to settle)",
+            &[
+                "scenario",
+                "consumer",
+                "visibility timeout",
+                "heartbeat",
+                "charge p50 / p99 (ms)",
+                "double_charges",
+                "redeliveries",
+                "dedup_hits",
+                "late acks",
+                "lease extensions",
+                "dead_lettered",
+            ],
+            rows,
+        )
+    }
+
     /// Adds the table of a long chaos run: the consumer SIGKILLs at each
     /// crash point, and every committed order by how many times the PSP
     /// charged it (the histogram whose only healthy shape is all in "1").
@@ -363,7 +463,11 @@ impl ChapterReport {
         let mut out = format!(
             "{} `{}`, seed {}. Counted from the PSP's ledger:\n\n",
             if multi { "Brokers" } else { "Backend" },
-            if multi { brokers.join("`, `") } else { self.backend.clone() },
+            if multi {
+                brokers.join("`, `")
+            } else {
+                self.backend.clone()
+            },
             self.seed
         );
         out.push_str(if multi { "| broker " } else { "" });
@@ -375,7 +479,11 @@ impl ChapterReport {
                 "{}| {}{} | {} | {} | {} | {} | {} | {} |\n",
                 broker(run),
                 run.scenario,
-                if run.drained { "" } else { " (deadline hit before drain)" },
+                if run.drained {
+                    ""
+                } else {
+                    " (deadline hit before drain)"
+                },
                 run.producer,
                 run.variant,
                 run.messages,
@@ -556,7 +664,9 @@ mod tests {
         let report = ChapterReport::new("ch01", vec![run(2)], vec![Claim::new("x", true)]);
         let md = report.to_markdown();
         assert!(md.contains("| chaos schedule | naive | naive | 10 | 2 | 1 | 11 |"));
-        assert!(md.contains("| chaos schedule | naive | 12 | 2 | 0 | 0.000 | 0 | 0 | 3 (2 + 1 + 0) |"));
+        assert!(
+            md.contains("| chaos schedule | naive | 12 | 2 | 0 | 0.000 | 0 | 0 | 3 (2 + 1 + 0) |")
+        );
         assert!(!md.contains("1234"));
         assert!(md.contains("- x: **holds**"));
     }
