@@ -7,7 +7,8 @@
 //! its event, which the relay will publish whenever it next runs.
 
 use chrono::Utc;
-use sqlx::PgPool;
+use payments::PaymentEvent;
+use sqlx::{PgConnection, PgPool};
 
 use crate::naive_producer::ProducerFaults;
 use crate::{Order, ShopError};
@@ -22,9 +23,26 @@ pub async fn place_order(
     faults: &dyn ProducerFaults,
     order: &Order,
 ) -> Result<(), ShopError> {
+    let mut tx = pool.begin().await?;
+    insert_order_and_event(&mut tx, order).await?;
+    // Delivered to listeners only when (and if) this transaction commits.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(OUTBOX_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+
+    faults.after_commit(order); // a crash here loses nothing: the row is pending
+    Ok(())
+}
+
+/// The order and its payment event, in the caller's transaction.
+async fn insert_order_and_event(
+    tx: &mut PgConnection,
+    order: &Order,
+) -> Result<PaymentEvent, ShopError> {
     let created_at = Utc::now();
     let event = order.payment_event(created_at);
-    let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO orders (order_id, amount_cents, currency, created_at) VALUES ($1, $2, $3, $4)",
     )
@@ -40,15 +58,7 @@ pub async fn place_order(
         .bind(String::from_utf8(event.encode()).expect("the wire format is UTF-8 JSON"))
         .execute(&mut *tx)
         .await?;
-    // Delivered to listeners only when (and if) this transaction commits.
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(OUTBOX_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-
-    faults.after_commit(order); // a crash here loses nothing: the row is pending
-    Ok(())
+    Ok(event)
 }
 // ANCHOR_END: outbox_write
 
@@ -82,24 +92,8 @@ pub async fn place_order_without_notify(
     order: &Order,
     row: RowAfterCommit,
 ) -> Result<(), ShopError> {
-    let created_at = Utc::now();
-    let event = order.payment_event(created_at);
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO orders (order_id, amount_cents, currency, created_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(order.order_id)
-    .bind(order.amount_cents)
-    .bind(&order.currency)
-    .bind(created_at)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("INSERT INTO outbox (event_id, aggregate_id, payload) VALUES ($1, $2, $3)")
-        .bind(event.event_id)
-        .bind(order.order_id)
-        .bind(String::from_utf8(event.encode()).expect("the wire format is UTF-8 JSON"))
-        .execute(&mut *tx)
-        .await?;
+    let event = insert_order_and_event(&mut tx, order).await?;
     if row == RowAfterCommit::Deleted {
         sqlx::query("DELETE FROM outbox WHERE event_id = $1")
             .bind(event.event_id)

@@ -70,9 +70,42 @@ pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
     sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
 }
 
+/// The empirical CDF of `sorted` (ascending) as the corners of a step line,
+/// for a latency chart: from (`floor`, 0) up to (last, 1), thinned to about
+/// a thousand steps (a minute at 2,000 events/s has 120,000 samples), each
+/// x at least `floor` (a log axis has no 0).
+pub fn cdf_steps(sorted: &[f64], floor: f64) -> Vec<(f64, f64)> {
+    let n = sorted.len();
+    let mut points = vec![(floor, 0.0)];
+    if n == 0 {
+        return points;
+    }
+    let step = n.div_ceil(1000).max(1);
+    let mut previous = 0.0;
+    for i in (0..n).step_by(step).chain(std::iter::once(n - 1)) {
+        let x = sorted[i].max(floor);
+        let y = (i + 1) as f64 / n as f64;
+        points.push((x, previous));
+        points.push((x, y));
+        previous = y;
+    }
+    points
+}
+
 #[cfg(test)]
 mod tests {
-    use super::nearest_rank;
+    use super::{cdf_steps, nearest_rank};
+
+    #[test]
+    fn cdf_steps_climb_from_the_floor_to_one() {
+        let steps = cdf_steps(&[0.5, 2.0, 3.0, 10.0], 1.0);
+        assert_eq!(steps.first(), Some(&(1.0, 0.0)));
+        assert_eq!(steps.last(), Some(&(10.0, 1.0)));
+        assert!(steps
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert_eq!(cdf_steps(&[], 1.0), vec![(1.0, 0.0)]);
+    }
 
     #[test]
     fn nearest_rank_picks_a_sample() {

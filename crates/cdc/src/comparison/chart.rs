@@ -72,7 +72,7 @@ fn draw(
         .draw()?;
     for (i, (_, values)) in series.iter().enumerate() {
         chart.draw_series(LineSeries::new(
-            cdf_points(values, x_min),
+            telemetry::cdf_steps(values, x_min),
             colors[i % colors.len()].stroke_width(2),
         ))?;
     }
@@ -92,21 +92,4 @@ fn draw(
     }
     root.present()?;
     Ok(())
-}
-
-/// The empirical CDF of sorted values as a step line, thinned to at most
-/// ~1000 steps (a 2,000/s minute has 120,000 events).
-fn cdf_points(sorted: &[f64], floor: f64) -> Vec<(f64, f64)> {
-    let n = sorted.len();
-    let step = n.div_ceil(1000).max(1);
-    let mut points = vec![(floor, 0.0)];
-    let mut previous = 0.0;
-    for i in (0..n).step_by(step).chain(std::iter::once(n - 1)) {
-        let x = sorted[i].max(floor);
-        let y = (i + 1) as f64 / n as f64;
-        points.push((x, previous));
-        points.push((x, y));
-        previous = y;
-    }
-    points
 }

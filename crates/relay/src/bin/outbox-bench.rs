@@ -1270,7 +1270,7 @@ fn draw_chart(path: &Path, modes: &[ModeResult]) -> anyhow::Result<()> {
                 &load.latencies.receive
             };
             chart.draw_series(LineSeries::new(
-                cdf_points(values, x_min),
+                telemetry::cdf_steps(values, x_min),
                 colors[i % colors.len()].stroke_width(2),
             ))?;
         }
@@ -1291,22 +1291,6 @@ fn draw_chart(path: &Path, modes: &[ModeResult]) -> anyhow::Result<()> {
     }
     root.present()?;
     Ok(())
-}
-
-/// The empirical CDF as a step line, thinned to at most ~1000 steps.
-fn cdf_points(sorted: &[f64], floor: f64) -> Vec<(f64, f64)> {
-    let n = sorted.len();
-    let step = n.div_ceil(1000).max(1);
-    let mut points = vec![(floor, 0.0)];
-    let mut previous = 0.0;
-    for i in (0..n).step_by(step).chain(std::iter::once(n - 1)) {
-        let x = sorted[i].max(floor);
-        let y = (i + 1) as f64 / n as f64;
-        points.push((x, previous));
-        points.push((x, y));
-        previous = y;
-    }
-    points
 }
 
 // ---------------------------------------------------------------------------
