@@ -185,10 +185,6 @@ impl ConnectWorker {
         self.child.as_ref().and_then(Child::id)
     }
 
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
     /// SIGKILL, as a crash: no offset flush, no goodbye to the group.
     pub async fn kill(&mut self) -> Result<(), CdcError> {
         if let Some(mut child) = self.child.take() {
