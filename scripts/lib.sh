@@ -27,6 +27,10 @@ export EO_CONNECT_PLUGINS="${EO_CONNECT_PLUGINS:-$EO_STATE_DIR/connect/plugins}"
 export RABBITMQ_NODENAME="${RABBITMQ_NODENAME:-rabbit@localhost}"
 # Builds live outside the clone so that repeated runs reuse them.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/effectively-once/target}"
+# Incremental compilation's caches grow with every rebuild (tens of GB after
+# a few dozen runs) and buy these scripts nothing: they build each crate once
+# per change. An editor's own cargo keeps its incremental builds.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -74,6 +78,28 @@ need_build_tools() {
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
     [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+}
+
+# starter_python: a Python with the grader's Python starter's requirements
+# (pika, boto3, psycopg, confluent-kafka from PyPI) in a virtualenv under
+# EO_STATE_DIR, refreshed when requirements.txt changes; exported as
+# EO_STARTER_PYTHON for the grader's tests.
+starter_python() {
+    local requirements="$EO_ROOT/crates/grader/starters/python/requirements.txt"
+    local venv="$EO_STATE_DIR/starter-venv"
+    local stamp="$venv/requirements.sha256"
+    local want
+    want="$(sha256sum "$requirements" | cut -d' ' -f1)"
+    if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        command -v python3 >/dev/null 2>&1 || apt_install python3
+        python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+        say "installing the Python starter's requirements into $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+        echo "$want" > "$stamp"
+    fi
+    export EO_STARTER_PYTHON="$venv/bin/python"
 }
 
 # sqs_answers: true when an SQS endpoint answers at EO_SQS_ENDPOINT.

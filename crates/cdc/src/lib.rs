@@ -67,6 +67,8 @@ pub enum CdcError {
     DatabaseUrl(String),
     #[error("replication slot: {0}")]
     Slot(#[from] sqlx::Error),
+    #[error("migrating the shop's tables: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("topic: {0}")]
     Topic(String),
     #[error("Kafka: {0}")]

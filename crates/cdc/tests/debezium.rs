@@ -36,7 +36,7 @@ struct Pipeline {
 impl Pipeline {
     async fn new(prefix: &str) -> Self {
         let shop = FreshDatabase::create(prefix, 3).await.unwrap();
-        shop::apply_schema(&shop.pool).await.unwrap();
+        shop::migrate(&shop.pool).await.unwrap();
         let admin = databases::connect(&databases::admin_url(), 1)
             .await
             .unwrap();

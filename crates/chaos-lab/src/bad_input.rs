@@ -282,7 +282,7 @@ struct Services {
 impl Services {
     async fn start(backend: BackendKind) -> anyhow::Result<Self> {
         let shop = FreshDatabase::create("bad_input_shop", 4).await?;
-        consumer::apply_schema(&shop.pool).await?;
+        consumer::migrate(&shop.pool).await?;
         let psp_db = FreshDatabase::create("bad_input_psp", 4).await?;
         let psp = PspServer::start(psp_db.pool.clone(), PspConfig::default(), "127.0.0.1:0")
             .await

@@ -242,6 +242,23 @@ pub struct Table {
     pub rows: Vec<Vec<String>>,
 }
 
+impl Table {
+    /// The title line and the Markdown table; columns after the first
+    /// align right.
+    pub fn markdown(&self) -> String {
+        let mut out = format!("{}:\n\n", self.title);
+        out.push_str(&format!("| {} |\n", self.header.join(" | ")));
+        let align: Vec<&str> = (0..self.header.len())
+            .map(|i| if i == 0 { "---" } else { "--:" })
+            .collect();
+        out.push_str(&format!("|{}|\n", align.join("|")));
+        for row in &self.rows {
+            out.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+        out
+    }
+}
+
 /// A titled block of lines printed verbatim under the table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Section {
@@ -580,15 +597,8 @@ impl ChapterReport {
     fn tables_markdown(&self) -> String {
         let mut out = String::new();
         for table in &self.tables {
-            out.push_str(&format!("\n{}:\n\n", table.title));
-            out.push_str(&format!("| {} |\n", table.header.join(" | ")));
-            let align: Vec<&str> = (0..table.header.len())
-                .map(|i| if i == 0 { "---" } else { "--:" })
-                .collect();
-            out.push_str(&format!("|{}|\n", align.join("|")));
-            for row in &table.rows {
-                out.push_str(&format!("| {} |\n", row.join(" | ")));
-            }
+            out.push('\n');
+            out.push_str(&table.markdown());
         }
         for section in &self.sections {
             out.push_str(&format!("\n{}:\n\n```text\n", section.title));

@@ -14,8 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use consumer::crash::{CrashPoint, CrashSchedule};
 use consumer::observe::StdoutObserver;
-use consumer::{PaymentConsumer, Variant};
-use psp::client::PspClient;
+use consumer::Variant;
 use queue::backend::{Broker, QueueSpec};
 use queue::{OutgoingMessage, Publisher, QueueError};
 use serde::{Deserialize, Serialize};
@@ -108,13 +107,7 @@ impl Role {
 
     /// Runs the role to completion and turns the result into an exit code.
     pub async fn run(self) -> ExitCode {
-        let _ = tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .try_init();
+        telemetry::service::init_logging("warn");
         let result = async {
             let path = std::env::var(CONFIG_ENV).context("EO_LAB_CONFIG is not set")?;
             let config = load_config(Path::new(&path))?;
@@ -174,16 +167,9 @@ fn first_time(marker_dir: &Path, what: &str, order_id: impl std::fmt::Display) -
         .is_ok()
 }
 
+/// The same service an operator starts with the `consumer` binary, with
+/// the run's crash points and the observation lines plugged in.
 async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
-    let pool = databases::connect(&config.shop_database_url, 2).await?;
-    let psp = PspClient::new(
-        &config.psp_base_url,
-        &config.psp_api_key,
-        Duration::from_millis(config.psp_timeout_ms),
-    )
-    .context("building the PSP client")?;
-    let broker = Broker::connect(config.queue.backend).await?;
-    let mut receiver = broker.receiver(&config.queue, config.prefetch).await?;
     let crashes = PlannedCrashes {
         points: config
             .plan
@@ -202,37 +188,28 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
             .collect(),
         marker_dir: config.work_dir.clone(),
     };
-    let consumer = PaymentConsumer {
+    let settings = consumer::service::Settings {
         variant: config.variant,
-        pool,
-        psp,
+        database: databases::Location::Url(config.shop_database_url.clone()),
+        queue: config.queue.clone(),
+        prefetch: config.prefetch,
+        psp_base_url: config.psp_base_url.clone(),
+        psp_api_key: config.psp_api_key.clone(),
+        psp_timeout: Duration::from_millis(config.psp_timeout_ms),
+        heartbeat: config.heartbeat,
+        // Many consumers run at once: each picks a free port and tells the
+        // supervisor which.
+        metrics_addr: std::env::var("EO_CONSUMER_METRICS_ADDR")
+            .unwrap_or_else(|_| "127.0.0.1:0".into()),
+        requeue_delay: Duration::from_millis(200),
+    };
+    let hooks = consumer::service::Hooks {
         crashes: Arc::new(crashes),
         observer: Arc::new(StdoutObserver),
-        requeue_delay: Duration::from_millis(200),
-        metrics: Default::default(),
-        heartbeat: config.heartbeat,
-        // Where the broker counts receives (SQS), the last one it allows is
-        // dead-lettered with a reason; elsewhere this never fires.
-        max_receives: Some(config.queue.max_receive_count),
     };
-    // Metrics first, so the supervisor learns where to scrape before any
-    // delivery is counted.
-    let metrics = consumer::metrics::install_recorder()?;
-    let metrics_addr =
-        std::env::var("EO_CONSUMER_METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:0".into());
-    let served = consumer::metrics::serve(metrics, &metrics_addr).await?;
-    consumer
-        .observer
-        .observe(&consumer::observe::Observation::MetricsServed {
-            addr: served.to_string(),
-        });
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    consumer
-        .run(&mut *receiver, async move {
-            terminate.recv().await;
-        })
+    consumer::service::run(settings, hooks, telemetry::service::shutdown_signal())
         .await
-        .context("consumer loop")?;
+        .context("consumer")?;
     Ok(())
 }
 
@@ -313,26 +290,27 @@ fn orders_with(config: &RunConfig, fault: ProducerFault) -> impl Iterator<Item =
         .map(|o| o.order_id)
 }
 
-async fn chaos_publisher(config: &RunConfig, broker: &Broker) -> anyhow::Result<ChaosPublisher> {
+/// Wraps a real publisher in the run's planned producer faults.
+fn chaos_publisher(config: &RunConfig, inner: Box<dyn Publisher>) -> ChaosPublisher {
     let keys = |fault| {
         orders_with(config, fault)
             .map(|id| id.to_string())
             .collect()
     };
-    Ok(ChaosPublisher {
-        inner: broker.publisher(&config.queue).await?,
+    ChaosPublisher {
+        inner,
         dropped: keys(ProducerFault::PublishDropped),
         duplicated: keys(ProducerFault::PublishedTwice),
         altered: keys(ProducerFault::RepublishedAltered),
         renewed: keys(ProducerFault::RepublishedNewId),
         marker_dir: config.work_dir.clone(),
-    })
+    }
 }
 
 async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
     let pool = databases::connect(&config.shop_database_url, 2).await?;
     let broker = Broker::connect(config.queue.backend).await?;
-    let publisher = chaos_publisher(&config, &broker).await?;
+    let publisher = chaos_publisher(&config, broker.publisher(&config.queue).await?);
     let crashes =
         PlannedProducerCrashes(orders_with(&config, ProducerFault::CrashAfterCommit).collect());
 
@@ -424,6 +402,8 @@ impl relay::RelayObserver for StdoutRelayObserver {
     }
 }
 
+/// The same service an operator starts with the `relay` binary, with the
+/// run's planned drops and crashes plugged in.
 async fn run_relay(config: RunConfig) -> anyhow::Result<()> {
     let ProducerKind::Outbox {
         relay: relay_config,
@@ -432,34 +412,32 @@ async fn run_relay(config: RunConfig) -> anyhow::Result<()> {
     else {
         anyhow::bail!("a relay process needs an outbox producer in the run config");
     };
-    let pool = databases::connect(&config.shop_database_url, 3).await?;
-    let broker = Broker::connect(config.queue.backend).await?;
-    let publisher = chaos_publisher(&config, &broker).await?;
-    let metrics = relay::metrics::install_recorder()?;
-    let served = relay::metrics::serve(metrics, pool.clone(), "127.0.0.1:0").await?;
-    let observer = StdoutRelayObserver;
-    relay::RelayObserver::observe(
-        &observer,
-        &relay::RelayObservation::RelayMetricsServed {
-            addr: served.to_string(),
-        },
-    );
-    let relay = relay::Relay {
-        pool,
-        publisher: Arc::new(publisher),
-        config: relay_config,
-        faults: Arc::new(PlannedRelayCrashes {
-            orders: orders_with(&config, ProducerFault::RelayCrashAfterPublish).collect(),
-            marker_dir: config.work_dir.clone(),
-        }),
-        observer: Arc::new(observer),
+    let settings = relay::service::Settings {
+        database: databases::Location::Url(config.shop_database_url.clone()),
+        queue: config.queue.clone(),
+        relay: relay_config,
+        metrics_addr: "127.0.0.1:0".into(),
     };
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    relay
-        .run(async move {
-            terminate.recv().await;
-        })
+    let faults = PlannedRelayCrashes {
+        orders: orders_with(&config, ProducerFault::RelayCrashAfterPublish).collect(),
+        marker_dir: config.work_dir.clone(),
+    };
+    let wrap_config = config.clone();
+    let hooks = relay::service::Hooks {
+        faults: Arc::new(faults),
+        observer: Arc::new(StdoutRelayObserver),
+        wrap_publisher: Box::new(move |inner| Arc::new(chaos_publisher(&wrap_config, inner))),
+        metrics_served: Box::new(|addr| {
+            relay::RelayObserver::observe(
+                &StdoutRelayObserver,
+                &relay::RelayObservation::RelayMetricsServed {
+                    addr: addr.to_string(),
+                },
+            )
+        }),
+    };
+    relay::service::run(settings, hooks, telemetry::service::shutdown_signal())
         .await
-        .context("relay loop")?;
+        .context("relay")?;
     Ok(())
 }

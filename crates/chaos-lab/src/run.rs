@@ -408,6 +408,9 @@ pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<Run
         )
         .await;
     }
+    // The config holds the run's database URL and PSP key: it goes whether
+    // the run passed or failed (the logs beside it stay for a failed run).
+    let _ = std::fs::remove_file(work_dir.join(CONFIG_FILE));
     let _ = broker.delete(&queue_spec).await;
     let _ = shop.drop_database().await;
     let _ = psp_db.drop_database().await;
@@ -417,6 +420,23 @@ pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<Run
         eprintln!("process logs kept in {}", work_dir.display());
     }
     result
+}
+
+/// The run config the lab hands its processes, in the run's folder.
+const CONFIG_FILE: &str = "run-config.json";
+
+/// Writes `bytes` to a new file only its owner may read (mode 0600): it
+/// holds credentials, and the temp folder is shared with every user.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -430,9 +450,9 @@ async fn run_in(
     work_dir: &PathBuf,
     started: Instant,
 ) -> anyhow::Result<RunReport> {
-    shop::apply_schema(&shop.pool).await?;
-    consumer::apply_schema(&shop.pool).await?;
-    psp::apply_schema(&psp_db.pool).await?;
+    shop::migrate(&shop.pool).await?;
+    consumer::migrate(&shop.pool).await?;
+    psp::migrate(&psp_db.pool).await?;
     let psp_config = psp::server::PspConfig {
         faults: spec.psp_faults.clone(),
         ..psp::server::PspConfig::default()
@@ -443,7 +463,10 @@ async fn run_in(
         .context("starting the PSP")?;
     broker.declare(queue_spec).await?;
 
-    std::fs::create_dir_all(work_dir)?;
+    // Only its owner may list the run's folder: logs and markers go there.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
     let run_id = shop.name.trim_start_matches("eo_shop_");
     let mut cdc_relay = match spec.producer {
         ProducerKind::Cdc { delivery } => {
@@ -485,8 +508,9 @@ async fn run_in(
         publish_pace_ms: spec.publish_pace.map(|pace| pace.as_millis() as u64),
         work_dir: work_dir.clone(),
     };
-    let config_path = work_dir.join("run-config.json");
-    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+    let config_path = work_dir.join(CONFIG_FILE);
+    write_private(&config_path, &serde_json::to_vec_pretty(&config)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let executable = match &spec.executable {

@@ -9,6 +9,8 @@
 //! - [`crash`]: the crash points and the real SIGKILL behind them.
 //! - [`observe`]: the line protocol a consumer process uses to tell its
 //!   supervisor what it received and how each delivery ended.
+//! - [`service`]: the consumer as a process an operator runs (set-up,
+//!   reconnects, graceful stop); the chaos lab's consumers run it too.
 //!
 //! # Leases (chapter 5)
 //!
@@ -39,27 +41,33 @@ pub mod metrics;
 pub mod naive;
 pub mod observe;
 pub mod retention;
+pub mod service;
 
 use crash::{CrashPoint, CrashSchedule};
 use hardened::ChargeKey;
 use observe::{Observation, Observer, Outcome};
 
-/// Which consumer runs. Each variant is a whole, separate handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Which consumer runs. Each variant is a whole, separate handler. The
+/// `--variant` values are the names the chapters' tables use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Variant {
     /// Ack after commit; no dedup, no Idempotency-Key. Duplicates.
     Naive,
     /// Ack as soon as the message arrives (at-most-once). Loses.
+    #[value(name = "naive-ack-on-receipt")]
     AckOnReceipt,
     /// INSERT-first dedup in the payment transaction; no Idempotency-Key.
+    #[value(name = "dedup-without-key")]
     DedupOnly,
     /// INSERT-first dedup and a stable Idempotency-Key, both keyed on the
     /// event id (message identity): chapter 3's first version. A producer
     /// that emits a second event for one order gets it charged twice.
+    #[value(name = "dedup-with-event-key")]
     EventKeyed,
     /// INSERT-first dedup and a stable Idempotency-Key, both keyed on the
     /// order (business identity): one order, one payment.
+    #[value(name = "dedup-with-key", alias = "hardened")]
     Hardened,
 }
 
@@ -85,11 +93,14 @@ pub enum ConsumerError {
     PspRefusedCredentials,
 }
 
-pub async fn apply_schema(pool: &PgPool) -> Result<(), ConsumerError> {
-    sqlx::raw_sql(include_str!("schema.sql"))
-        .execute(pool)
-        .await?;
-    Ok(())
+/// Brings the consumer's tables (payments, the dedup table) up to date:
+/// sqlx migrations, safe on every start and by many processes at once (the
+/// migrator takes an advisory lock). They share the shop's database and its
+/// `_sqlx_migrations` table; the shop crate's `migrate` says how the two keep apart.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await
 }
 
 /// Everything a consumer needs, shared by every variant.
@@ -144,7 +155,18 @@ impl PaymentConsumer {
                 batch = receiver.receive(1, Duration::from_millis(500)) => batch?,
             };
             for delivery in batch {
-                self.handle(receiver, delivery).await?;
+                let in_hand = delivery.clone();
+                let result = self.handle(receiver, delivery).await;
+                if let Err(ConsumerError::Database(error)) = result {
+                    // The shop database went away mid-delivery: nothing was
+                    // committed, so hand the message back now rather than
+                    // hold it until the connection closes or the lease ends.
+                    if let Err(requeue) = receiver.requeue(&in_hand).await {
+                        tracing::warn!(%requeue, "could not hand the message back; the broker will");
+                    }
+                    return Err(ConsumerError::Database(error));
+                }
+                result?;
             }
         }
     }

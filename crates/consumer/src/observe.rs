@@ -80,6 +80,49 @@ impl Observer for StdoutObserver {
     }
 }
 
+/// Logs how each delivery ended, for a consumer an operator runs: one line
+/// per settle at `info` (a dead letter or a late settle at `warn`), so the
+/// log says what happened to each order without the chaos lab.
+pub struct LogObserver;
+
+impl Observer for LogObserver {
+    fn observe(&self, observation: &Observation) {
+        let order =
+            |id: &Option<Uuid>| id.map_or_else(|| "(undecodable)".to_owned(), |id| id.to_string());
+        match observation {
+            Observation::Settled {
+                order_id,
+                outcome,
+                elapsed_ms,
+            } => match outcome {
+                Outcome::Charged { charge_id } => {
+                    tracing::info!("order {} charged ({charge_id}) in {elapsed_ms} ms", order(order_id))
+                }
+                Outcome::Duplicate => {
+                    tracing::info!("order {}: duplicate delivery, acked without a charge", order(order_id))
+                }
+                Outcome::Requeued { reason } => {
+                    tracing::warn!("order {}: handed back to retry later: {reason}", order(order_id))
+                }
+                Outcome::DeadLettered { reason } => {
+                    tracing::warn!("order {}: dead-lettered: {reason}", order(order_id))
+                }
+                Outcome::Lost { reason } => {
+                    tracing::warn!("order {}: acked without a charge: {reason}", order(order_id))
+                }
+            },
+            Observation::SettledLate { order_id, operation } => tracing::warn!(
+                "order {}: {operation} came after the lease ran out (the visibility timeout is too short)",
+                order(order_id)
+            ),
+            Observation::Received { .. }
+            | Observation::LeaseExtended { .. }
+            | Observation::MetricsServed { .. }
+            | Observation::Crashing { .. } => {}
+        }
+    }
+}
+
 /// Observes nothing, for callers that only want the side effects.
 pub struct Unobserved;
 

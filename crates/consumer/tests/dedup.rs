@@ -13,7 +13,7 @@ async fn fresh() -> FreshDatabase {
     let db = FreshDatabase::create("consumer_dedup_test", 4)
         .await
         .expect("Postgres is up (scripts/services-up)");
-    consumer::apply_schema(&db.pool).await.unwrap();
+    consumer::migrate(&db.pool).await.unwrap();
     db
 }
 
@@ -212,8 +212,8 @@ async fn a_database_from_before_fingerprints_upgrades_in_place() {
         .execute(&db.pool)
         .await
         .unwrap();
-    consumer::apply_schema(&db.pool).await.unwrap();
-    consumer::apply_schema(&db.pool).await.unwrap();
+    consumer::migrate(&db.pool).await.unwrap();
+    consumer::migrate(&db.pool).await.unwrap();
     // An old row has no fingerprint: a redelivery of it is a plain duplicate.
     let row = consumer::dedup::recorded(&db.pool, &old)
         .await

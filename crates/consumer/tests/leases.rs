@@ -57,7 +57,7 @@ impl Setup {
         let shop = FreshDatabase::create("consumer_lease", 5)
             .await
             .expect("create the shop database");
-        consumer::apply_schema(&shop.pool)
+        consumer::migrate(&shop.pool)
             .await
             .expect("consumer schema");
         let psp_db = FreshDatabase::create("consumer_lease_psp", 5)

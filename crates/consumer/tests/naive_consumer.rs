@@ -141,7 +141,7 @@ impl Harness {
             .await
             .expect("create the PSP database");
         cleanup.databases.push(psp_db.name.clone());
-        consumer::apply_schema(&shop.pool)
+        consumer::migrate(&shop.pool)
             .await
             .expect("apply the consumer schema");
         let psp = PspServer::start(psp_db.pool.clone(), psp_config, "127.0.0.1:0")

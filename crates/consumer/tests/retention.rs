@@ -26,7 +26,7 @@ where
     let db = FreshDatabase::create("eo_test_retention", 4)
         .await
         .expect("a fresh database (is Postgres up? run scripts/services-up)");
-    consumer::apply_schema(&db.pool).await.expect("schema");
+    consumer::migrate(&db.pool).await.expect("schema");
     let outcome = tokio::spawn(test(db.pool.clone())).await;
     db.drop_database().await.expect("drop the test database");
     if let Err(panic) = outcome {

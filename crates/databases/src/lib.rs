@@ -36,6 +36,9 @@ pub enum DatabaseError {
     UnsafeName(String),
     #[error("database statement failed: {0}")]
     Sql(#[from] sqlx::Error),
+    /// The cause is the source: `anyhow` prints the chain.
+    #[error("migrating the tables")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
 /// The server-level connection string: `EO_PG_ADMIN_URL`, or the local default.
@@ -43,10 +46,16 @@ pub fn admin_url() -> String {
     std::env::var("EO_PG_ADMIN_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
 }
 
-/// The connection string for database `name` on the admin URL's server.
+/// The connection string for database `name` on the admin URL's server:
+/// the admin URL with its path swapped, so that it stays a plain libpq URL
+/// that `psql` accepts too.
 pub fn url_for(name: &str) -> Result<String, DatabaseError> {
     check_name(name)?;
     let admin = admin_url();
+    if let Ok(mut url) = url::Url::parse(&admin) {
+        url.set_path(&format!("/{name}"));
+        return Ok(url.to_string());
+    }
     let options: PgConnectOptions = admin.parse().map_err(|source| DatabaseError::Unreachable {
         url: redact(&admin),
         source,
@@ -90,6 +99,87 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, Database
         .map_err(|source| connect_error(url, source))
 }
 
+/// A pool on `url` that connects on first use: for a service that must
+/// serve its `/metrics` while it waits for Postgres. Fails only on a URL it
+/// cannot parse.
+pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, DatabaseError> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(url)
+        .map_err(|source| DatabaseError::Unreachable {
+            url: redact(url),
+            source,
+        })
+}
+
+/// Connects a pool of `max_connections` to `location` and runs `migrate` on
+/// it, waiting out a Postgres that is down (or goes down in between) with
+/// `backoff` and a log line per attempt. `Ok(None)` when `stop` resolves
+/// first. A refused login, or a migration a reachable server refuses, is
+/// returned: waiting would not fix either.
+pub async fn wait_for<M, Fut, S>(
+    location: &Location,
+    max_connections: u32,
+    migrate: M,
+    backoff: &mut telemetry::service::Backoff,
+    stop: &mut S,
+) -> Result<Option<PgPool>, DatabaseError>
+where
+    M: Fn(PgPool) -> Fut,
+    Fut: std::future::Future<Output = Result<(), sqlx::migrate::MigrateError>>,
+    S: std::future::Future<Output = ()> + Unpin,
+{
+    loop {
+        let attempt = async {
+            let url = location.resolve().await?;
+            // One plain connection first: it fails at once on a server that
+            // is down, where a pool would keep retrying quietly until its
+            // acquire timeout, and the log would say nothing meanwhile.
+            PgConnection::connect(&url)
+                .await
+                .map_err(|source| connect_error(&url, source))?
+                .close()
+                .await?;
+            let pool = connect(&url, max_connections).await?;
+            migrate(pool.clone()).await?;
+            Ok::<_, DatabaseError>(pool)
+        };
+        let error = match attempt.await {
+            Ok(pool) => {
+                backoff.reset();
+                return Ok(Some(pool));
+            }
+            Err(DatabaseError::Migrate(sqlx::migrate::MigrateError::Execute(error)))
+                if is_connection_error(&error) =>
+            {
+                error.to_string()
+            }
+            Err(error @ DatabaseError::Unreachable { .. }) => {
+                let cause = std::error::Error::source(&error)
+                    .map(|cause| format!(": {cause}"))
+                    .unwrap_or_default();
+                format!("{error}{cause}")
+            }
+            Err(error) => return Err(error),
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!("waiting for the database: {error}; retrying in {delay:?}");
+        if telemetry::service::sleep_or_stop(delay, stop).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// True for the errors of a server that cannot be reached (a service waits
+/// for it), as opposed to a statement it refused (a person must look).
+pub fn is_connection_error(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    )
+}
+
 /// Sorts a failed connection: a refused login is reported as one, anything
 /// else as a server that cannot be reached.
 fn connect_error(url: &str, source: sqlx::Error) -> DatabaseError {
@@ -130,6 +220,44 @@ pub async fn create_database(name: &str) -> Result<(), DatabaseError> {
         .execute(&mut admin)
         .await?;
     Ok(())
+}
+
+/// The URL of database `name` on the admin URL's server, creating it on
+/// first use: what a service started by hand connects to when it was given
+/// no database URL. Safe when several processes start at once.
+pub async fn ensure_database(name: &str) -> Result<String, DatabaseError> {
+    match create_database(name).await {
+        Ok(()) => {}
+        // 42P04: it already exists. 23505: another process created it just now.
+        Err(DatabaseError::Sql(sqlx::Error::Database(e)))
+            if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
+        Err(e) => return Err(e),
+    }
+    url_for(name)
+}
+
+/// Where a service started by hand finds its database: the URL it was
+/// given, or else a database of a fixed name on the book's server
+/// ([`admin_url`]), created on first use.
+#[derive(Clone)]
+pub enum Location {
+    Url(String),
+    Named(&'static str),
+}
+
+impl Location {
+    pub fn given_or(url: Option<String>, default_name: &'static str) -> Self {
+        url.map_or(Location::Named(default_name), Location::Url)
+    }
+
+    /// The connection string, creating the named database if needed. Fails
+    /// as [`connect`] does when Postgres is down, so a caller can wait.
+    pub async fn resolve(&self) -> Result<String, DatabaseError> {
+        match self {
+            Location::Url(url) => Ok(url.clone()),
+            Location::Named(name) => ensure_database(name).await,
+        }
+    }
 }
 
 pub async fn drop_database(name: &str) -> Result<(), DatabaseError> {

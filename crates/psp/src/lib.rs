@@ -6,8 +6,8 @@
 //!
 //! # Layout
 //!
-//! - `schema.sql`, applied by [`apply_schema`]: the ledger and the
-//!   idempotency-key table, in the PSP's own database.
+//! - `migrations/`, run by [`migrate`]: the ledger and the idempotency-key
+//!   table, in the PSP's own database.
 //! - [`api`]: the wire format (the request body, the charge object, the error
 //!   body), shared by the server and the client so the two cannot drift apart.
 //! - [`ledger`]: writes one row per executed charge; read functions for the
@@ -36,11 +36,9 @@ pub use server::{ConfigError, PspConfig, PspError, PspServer, RunningPsp};
 
 use sqlx::PgPool;
 
-/// The PSP's tables, as `CREATE ... IF NOT EXISTS` statements.
-pub const SCHEMA: &str = include_str!("schema.sql");
-
-/// Creates the PSP's tables; safe to run on every start.
-pub async fn apply_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(SCHEMA).execute(pool).await?;
-    Ok(())
+/// Brings the PSP's tables up to date (sqlx migrations, each applied once
+/// per database); safe to run on every start, by several processes at once:
+/// the migrator holds an advisory lock while it works.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations").run(pool).await
 }

@@ -156,7 +156,7 @@ fn parse<T: std::str::FromStr, U>(
 #[derive(Debug, thiserror::Error)]
 pub enum PspError {
     #[error("cannot apply the PSP schema: {0}")]
-    Schema(#[source] sqlx::Error),
+    Schema(#[source] sqlx::migrate::MigrateError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -231,7 +231,7 @@ impl PspServer {
         config: PspConfig,
         addr: impl ToSocketAddrs + std::fmt::Debug,
     ) -> Result<RunningPsp, PspError> {
-        crate::apply_schema(&pool).await.map_err(PspError::Schema)?;
+        crate::migrate(&pool).await.map_err(PspError::Schema)?;
         let shown = format!("{addr:?}");
         let listener = TcpListener::bind(addr)
             .await

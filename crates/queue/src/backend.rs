@@ -109,6 +109,39 @@ impl QueueSpec {
     }
 }
 
+/// The queue flags every service of the book takes (the consumer, the
+/// relay, the producer), with the same environment variables, so that two
+/// processes started from one environment agree on the queue they share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueueArgs {
+    /// The broker.
+    #[arg(long, env = "EO_BACKEND", value_enum, default_value = "rabbitmq")]
+    pub backend: BackendKind,
+    /// The queue (RabbitMQ, SQS) or topic (Kafka). Its dead-letter queue is
+    /// `<name>.dlq`; SQS names swap `.` for `-`.
+    #[arg(long, env = "EO_QUEUE", default_value = "payments")]
+    pub queue: String,
+    /// SQS: seconds a received message stays hidden from other consumers.
+    #[arg(long, env = "EO_VISIBILITY_TIMEOUT_SECS", default_value_t = 30)]
+    pub visibility_timeout_secs: u64,
+    /// SQS: receives without a delete before the redrive policy moves a
+    /// message to the dead-letter queue.
+    #[arg(long, env = "EO_MAX_RECEIVES", default_value_t = 10)]
+    pub max_receives: u32,
+    /// Kafka: partitions of the topic, if this process creates it.
+    #[arg(long, env = "EO_PARTITIONS", default_value_t = kafka::DEFAULT_PARTITIONS)]
+    pub partitions: u32,
+}
+
+impl QueueArgs {
+    pub fn spec(&self) -> QueueSpec {
+        QueueSpec::new(self.backend, &self.queue)
+            .with_visibility_timeout(Duration::from_secs(self.visibility_timeout_secs))
+            .with_max_receive_count(self.max_receives)
+            .with_partitions(self.partitions)
+    }
+}
+
 /// A message in the dead-letter queue, on any backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -141,6 +174,15 @@ impl Broker {
                 Broker::Kafka(KafkaBroker::connect(&kafka::brokers_from_env()).await?)
             }
         })
+    }
+
+    /// Lets go of the connection: on RabbitMQ every delivery still unacked
+    /// on it goes back to the queue now. SQS has no connection to close
+    /// (leases run out), and Kafka's clients close when dropped.
+    pub async fn close(&self) {
+        if let Broker::Rabbitmq(broker) = self {
+            let _ = broker.close().await;
+        }
     }
 
     pub async fn declare(&self, spec: &QueueSpec) -> Result<(), QueueError> {

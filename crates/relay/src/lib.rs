@@ -9,6 +9,8 @@
 //! - [`metrics`]: `/metrics` for the relay: backlog, oldest pending age,
 //!   publish latency, republishes, queries issued.
 //! - [`RelayObservation`]: what a relay process tells the chaos lab.
+//! - [`service`]: the relay as a process an operator runs (set-up,
+//!   reconnects, graceful stop); the chaos lab's relays run it too.
 //!
 //! # What it guarantees
 //!
@@ -32,6 +34,7 @@ use uuid::Uuid;
 pub mod cleanup;
 pub mod metrics;
 pub mod outbox;
+pub mod service;
 
 use outbox::OutboxRow;
 
@@ -83,7 +86,17 @@ impl Default for RelayConfig {
 pub enum RelayError {
     #[error("outbox database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Every publish of the last rounds failed: the broker connection is
+    /// probably gone, and a new one is worth more than another retry.
+    #[error("the last {rounds} rounds published nothing")]
+    PublisherFailing { rounds: u32 },
 }
+
+/// Rounds in a row in which every publish failed before [`Relay::run`]
+/// gives the publisher up. A single refused publish (a full queue, a
+/// dropped confirm) is retried by the next round; this many in a row is a
+/// dead connection.
+pub const FAILED_ROUNDS_BEFORE_RECONNECT: u32 = 5;
 
 /// Where the chaos lab may interrupt a relay.
 pub trait RelayFaults: Send + Sync {
@@ -146,6 +159,12 @@ pub struct RoundReport {
     pub failed: usize,
 }
 
+impl RoundReport {
+    fn published_nothing(&self) -> bool {
+        self.failed > 0 && self.published == 0
+    }
+}
+
 impl Relay {
     /// Relays until `stop` resolves.
     pub async fn run(&self, stop: impl std::future::Future<Output = ()>) -> Result<(), RelayError> {
@@ -161,6 +180,7 @@ impl Relay {
             }
             Wake::Poll { .. } => None,
         };
+        let mut failed_rounds = 0;
         loop {
             // Drain: keep claiming while batches come back full. A stop
             // ends the drain too: a relay whose publishes keep failing (or
@@ -170,6 +190,16 @@ impl Relay {
                     return Ok(());
                 }
                 let round = self.relay_once().await?;
+                failed_rounds = if round.published_nothing() {
+                    failed_rounds + 1
+                } else {
+                    0
+                };
+                if failed_rounds >= FAILED_ROUNDS_BEFORE_RECONNECT {
+                    return Err(RelayError::PublisherFailing {
+                        rounds: failed_rounds,
+                    });
+                }
                 if round.failed > 0 {
                     tokio::select! {
                         _ = &mut stop => return Ok(()),
@@ -253,6 +283,7 @@ impl Relay {
             metrics::query_issued();
             for (row, error) in &failed {
                 metrics::publish_failed();
+                tracing::warn!(order_id = %row.aggregate_id, %error, "publish failed; the row stays pending");
                 let state = outbox::row_state(&self.pool, row.event_id).await?;
                 self.observer
                     .observe(&RelayObservation::RelayPublishFailed {

@@ -5,6 +5,7 @@
 //! scrapes issues no queries for it.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -30,17 +31,23 @@ pub fn install_recorder() -> Result<PrometheusHandle, MetricsError> {
     telemetry::install_recorder(&[(PUBLISH_LATENCY, &LATENCY_BUCKETS)])
 }
 
-/// Serves `GET /metrics` on `addr`, refreshing the backlog gauges per scrape.
+/// Serves `GET /metrics` on `addr`, refreshing the backlog gauges per scrape
+/// once the relay has a database (`pool` is set when it connects; until
+/// then a scrape shows the rest, `connected` among them).
 pub async fn serve(
     handle: PrometheusHandle,
-    pool: PgPool,
+    pool: Arc<OnceLock<PgPool>>,
     addr: &str,
 ) -> Result<SocketAddr, MetricsError> {
     telemetry::serve(addr, move || {
         let handle = handle.clone();
-        let pool = pool.clone();
+        let pool = pool.get().cloned();
         async move {
-            if let Ok(backlog) = outbox::backlog(&pool).await {
+            let backlog = match &pool {
+                Some(pool) => outbox::backlog(pool).await.ok(),
+                None => None,
+            };
+            if let Some(backlog) = backlog {
                 metrics::gauge!(PENDING).set(backlog.pending as f64);
                 metrics::gauge!(OLDEST_PENDING_AGE).set(backlog.oldest_age_seconds);
             }

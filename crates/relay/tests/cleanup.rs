@@ -31,7 +31,7 @@ where
     let db = FreshDatabase::create("eo_test_outbox_cleanup", 4)
         .await
         .expect("a fresh database (is Postgres up? run scripts/services-up)");
-    shop::apply_schema(&db.pool).await.expect("schema");
+    shop::migrate(&db.pool).await.expect("schema");
     let outcome = tokio::spawn(test(db.pool.clone(), db.url.clone())).await;
     db.drop_database().await.expect("drop the test database");
     if let Err(panic) = outcome {

@@ -59,7 +59,7 @@ impl TestDb {
             .await
             .expect("Postgres should be up (run scripts/services-up)");
         let this = Self { db, armed: true };
-        shop::apply_schema(&this.db.pool).await.expect("schema");
+        shop::migrate(&this.db.pool).await.expect("schema");
         this
     }
 
@@ -837,8 +837,9 @@ async fn a_relay_stops_when_asked_while_its_publishes_keep_failing() {
     let db = TestDb::create().await;
     place_orders(&db.pool(), 1).await;
     let seen = Arc::new(Recorded::default());
+    // A long pause between failed rounds: the stop arrives during one.
     let config = RelayConfig {
-        retry_delay: Duration::from_millis(20),
+        retry_delay: Duration::from_secs(30),
         ..config(500)
     };
     let relay = Arc::new(new_relay_observed(
@@ -866,13 +867,46 @@ async fn a_relay_stops_when_asked_while_its_publishes_keep_failing() {
         .expect("the relay task did not panic")
         .expect("the relay ran without error");
 
-    // It kept retrying until then, and the row is still pending for later.
     let failures = seen
         .all()
         .iter()
         .filter(|o| matches!(o, RelayObservation::RelayPublishFailed { .. }))
         .count();
-    assert!(failures >= 2, "retried while running: {failures} failures");
+    assert_eq!(failures, 1, "one failed round before the pause");
+    let row = rows(&db.pool()).await.pop().unwrap();
+    assert!(!row.sent && !row.leased, "{row:?}");
+
+    db.finish().await;
+}
+
+/// A publisher that fails round after round is given up, so that the
+/// service around the relay connects a new one; the rows stay pending.
+#[tokio::test]
+async fn a_relay_gives_up_a_publisher_that_keeps_failing() {
+    let db = TestDb::create().await;
+    place_orders(&db.pool(), 1).await;
+    let seen = Arc::new(Recorded::default());
+    let config = RelayConfig {
+        retry_delay: Duration::from_millis(20),
+        ..config(500)
+    };
+    let relay = new_relay_observed(db.pool(), Arc::new(AlwaysRefuses), config, seen.clone());
+    let result = tokio::time::timeout(ARRIVES, relay.run(std::future::pending::<()>()))
+        .await
+        .expect("the relay returns on its own");
+    assert!(
+        matches!(
+            result,
+            Err(relay::RelayError::PublisherFailing { rounds }) if rounds == relay::FAILED_ROUNDS_BEFORE_RECONNECT
+        ),
+        "{result:?}"
+    );
+    let failures = seen
+        .all()
+        .iter()
+        .filter(|o| matches!(o, RelayObservation::RelayPublishFailed { .. }))
+        .count();
+    assert_eq!(failures, relay::FAILED_ROUNDS_BEFORE_RECONNECT as usize);
     let row = rows(&db.pool()).await.pop().unwrap();
     assert!(!row.sent && !row.leased, "{row:?}");
     assert_eq!(

@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //!
-//! - [`Order`] and [`apply_schema`]: the `orders` table, the ground truth for
-//!   what was promised to customers.
+//! - [`Order`] and [`migrate`]: the `orders` table (and the outbox), the
+//!   ground truth for what was promised to customers.
 //! - [`naive_producer`]: the broken version, a dual write (commit the order,
 //!   then publish). Chapter 1 shows it losing events.
 //! - [`outbox_producer`]: the fix, the order and its event in one
@@ -43,11 +43,17 @@ pub enum ShopError {
     },
 }
 
-pub async fn apply_schema(pool: &PgPool) -> Result<(), ShopError> {
-    sqlx::raw_sql(include_str!("schema.sql"))
-        .execute(pool)
-        .await?;
-    Ok(())
+/// Brings the shop's tables up to date (sqlx migrations); safe on every
+/// start, by several processes at once (the migrator takes an advisory lock).
+///
+/// The consumer's tables live in the same database under their own
+/// migrations, recorded in the same `_sqlx_migrations` table: each side
+/// ignores the versions it does not know, and the two use distinct version
+/// ranges (the shop's end in `01xx`, the consumer's in `02xx`).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await
 }
 
 /// The ids of every committed order: the "expected" side of the audit.

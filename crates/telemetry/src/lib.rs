@@ -4,8 +4,12 @@
 //!
 //! [`redact`]: what a connection string may show in a log line; every
 //! service prints URLs through it.
+//!
+//! [`service`]: logs, backoff, the `connected` gauge and the stop signals
+//! that every long-running process shares.
 
 pub mod redact;
+pub mod service;
 
 use std::future::Future;
 use std::net::SocketAddr;

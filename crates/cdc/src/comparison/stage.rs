@@ -50,7 +50,7 @@ impl Stage {
     pub async fn open(prefix: &str) -> Result<Self, CdcError> {
         let db = FreshDatabase::create(prefix, 2).await?;
         let rest = async {
-            shop::apply_schema(&db.pool).await?;
+            shop::migrate(&db.pool).await?;
             let admin = databases::connect(&databases::admin_url(), 2).await?;
             let brokers = queue::kafka::brokers_from_env();
             let kafka = KafkaBroker::connect(&brokers).await?;

@@ -249,7 +249,7 @@ impl MeasureArgs {
     }
 
     async fn measure(&self, pool: &PgPool) -> anyhow::Result<Measurement> {
-        consumer::apply_schema(pool)
+        consumer::migrate(pool)
             .await
             .context("applying the consumer schema")?;
         let expired = (self.rows as f64 * self.expired_share).round() as u64;

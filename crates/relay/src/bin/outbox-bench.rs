@@ -1310,7 +1310,7 @@ impl Stage {
             .await
             .context("creating the run's database")?;
         let stage = async {
-            shop::apply_schema(&db.pool)
+            shop::migrate(&db.pool)
                 .await
                 .context("applying the shop schema")?;
             let broker = RabbitBroker::connect(&url_from_env()).await?;

@@ -1,4 +1,5 @@
 -- The consumer's side of the shop database: what it believes it charged.
+-- A sqlx migration, applied once per database (`consumer::migrate`).
 -- The PSP's ledger, not this table, is the ground truth for money moved.
 CREATE TABLE IF NOT EXISTS payments (
     payment_id    bigserial PRIMARY KEY,
@@ -28,8 +29,9 @@ CREATE TABLE IF NOT EXISTS processed_messages (
     CONSTRAINT processed_messages_event_id_key PRIMARY KEY (event_id)
 );
 -- ANCHOR_END: processed_messages
--- Databases made before fingerprints and order claims upgrade in place;
--- their old rows keep NULLs (no fingerprint to compare, no order claimed).
+-- Databases made before fingerprints and order claims (created by an
+-- earlier version of this file) upgrade in place; their old rows keep NULLs
+-- (no fingerprint to compare, no order claimed).
 ALTER TABLE processed_messages ADD COLUMN IF NOT EXISTS fingerprint bytea;
 ALTER TABLE processed_messages ADD COLUMN IF NOT EXISTS charged_order uuid;
 -- One order, one payment. NULLs never collide, so the message-keyed

@@ -1,8 +1,9 @@
 -- The PSP's own database: another company's system, never shared with the shop.
--- Applied on every start, so every statement must be safe to run twice.
+-- A sqlx migration: it runs once per database, inside the migrator's own
+-- transaction. `IF NOT EXISTS` lets it adopt a database whose tables were
+-- created before the book used migrations.
 
-BEGIN;
--- "relation already exists, skipping" on every start is noise, not news.
+-- "relation already exists, skipping" on such a database is noise, not news.
 SET LOCAL client_min_messages = warning;
 
 -- The ledger: one row per executed charge, that is, one per money movement.
@@ -47,4 +48,3 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     CHECK ((state = 'completed') = (response_status IS NOT NULL AND response_body IS NOT NULL))
 );
 
-COMMIT;

@@ -1,3 +1,4 @@
+-- A sqlx migration, applied once per database (`shop::migrate`).
 -- The shop's side of the shop database. An order row is the promise to the
 -- customer: every committed order must be charged exactly once.
 CREATE TABLE IF NOT EXISTS orders (
