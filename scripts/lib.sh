@@ -25,6 +25,9 @@ export EO_CONNECT_CLASSPATH="${EO_CONNECT_CLASSPATH:-$EO_STATE_DIR/kafka/lib/*}"
 export EO_CONNECT_PLUGINS="${EO_CONNECT_PLUGINS:-$EO_STATE_DIR/connect/plugins}"
 # A fixed node name keeps the RabbitMQ CLI tools independent of the hostname.
 export RABBITMQ_NODENAME="${RABBITMQ_NODENAME:-rabbit@localhost}"
+# Erlang's port mapper, started by RabbitMQ or by the first rabbitmqctl
+# call, listens on loopback only.
+export ERL_EPMD_ADDRESS="${ERL_EPMD_ADDRESS:-127.0.0.1}"
 # Builds live outside the clone so that repeated runs reuse them.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/effectively-once/target}"
 # Incremental compilation's caches grow with every rebuild (tens of GB after

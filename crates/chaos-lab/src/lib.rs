@@ -16,6 +16,8 @@
 //! - [`audit`]: double charges and lost events from the shop's orders and the
 //!   PSP's ledger, as the design defines them.
 //! - [`report`]: the Markdown table and the JSON object a chapter prints.
+//! - [`chart`]: the before/after chart of chapters' runs, from the same
+//!   reports.
 //! - [`chapter`]: the command line every chapter shares.
 //! - [`bad_input`]: the table of bad inputs from outside, each published by
 //!   a plain client and handled by the hardened consumer.
@@ -24,6 +26,7 @@ pub mod audit;
 pub mod bad_input;
 pub mod cdc_relay;
 pub mod chapter;
+pub mod chart;
 pub mod plan;
 pub mod report;
 pub mod roles;

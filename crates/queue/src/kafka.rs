@@ -764,7 +764,9 @@ impl KafkaInspector {
             let committed = consumer.committed_offsets(wanted, REQUEST_TIMEOUT)?;
             let mut lag = 0;
             for partition in partitions {
-                let (low, high) = consumer.fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)?;
+                let (low, high) = while_leader_settles(|| {
+                    consumer.fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
+                })?;
                 let position = match committed
                     .find_partition(&topic, partition)
                     .map(|element| element.offset())
@@ -832,7 +834,9 @@ impl KafkaInspector {
         blocking("watermarks", move || {
             let mut count = 0;
             for partition in partition_ids(&*consumer, &topic)? {
-                let (low, high) = consumer.fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)?;
+                let (low, high) = while_leader_settles(|| {
+                    consumer.fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
+                })?;
                 count += u64::try_from(high - low).unwrap_or(0);
             }
             Ok(count)
@@ -841,8 +845,36 @@ impl KafkaInspector {
     }
 }
 
+/// Runs `call` again while it fails because a partition has no leader yet
+/// (a topic created a moment ago) or its leader just moved: both pass
+/// within a second or two, and a look at the topic must not fail on them.
+fn while_leader_settles<T>(
+    mut call: impl FnMut() -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        match call() {
+            Err(error) if leader_settling(&error) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn leader_settling(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::LeaderNotAvailable | RDKafkaErrorCode::NotLeaderForPartition)
+    )
+}
+
 /// The partitions of `topic`, from the cluster's metadata.
 fn partition_ids(consumer: &impl Consumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
+    while_leader_settles(|| partition_ids_once(consumer, topic))
+}
+
+fn partition_ids_once(consumer: &impl Consumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
     let found = metadata.topics().iter().find(|t| t.name() == topic);
     match found {
