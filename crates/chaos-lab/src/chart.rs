@@ -12,11 +12,11 @@ use std::fmt::Write as _;
 use crate::report::ChapterReport;
 
 const WIDTH: f64 = 720.0;
-const LABEL_WIDTH: f64 = 300.0;
+const LABEL_WIDTH: f64 = 330.0;
 const VALUE_WIDTH: f64 = 56.0;
 const BAR_AREA: f64 = WIDTH - LABEL_WIDTH - VALUE_WIDTH;
 const LEGEND_HEIGHT: f64 = 28.0;
-const ROW_HEIGHT: f64 = 46.0;
+const ROW_HEIGHT: f64 = 54.0;
 const BAR_HEIGHT: f64 = 15.0;
 const DOUBLE_CHARGE_COLOUR: &str = "#c62828";
 const LOST_EVENT_COLOUR: &str = "#ef8f00";
@@ -49,33 +49,39 @@ pub fn verdict_svg(reports: &[ChapterReport]) -> String {
     legend(&mut svg);
     for (index, run) in runs.iter().enumerate() {
         let top = LEGEND_HEIGHT + ROW_HEIGHT * index as f64;
-        let who = format!("{} ({} producer)", run.variant, run.producer);
-        let what = format!(
-            "{} · {} · {} orders",
-            run.scenario, run.backend, run.messages
-        );
-        let _ = writeln!(
-            svg,
-            "<text x=\"0\" y=\"{}\" font-weight=\"bold\">{}</text>",
-            top + 16.0,
-            escape(&fit(&who, 44))
-        );
-        let _ = writeln!(
-            svg,
-            "<text x=\"0\" y=\"{}\" font-size=\"11\" opacity=\"0.75\">{}</text>",
-            top + 32.0,
-            escape(&fit(&what, 50))
-        );
+        // Three short lines, each cut to what fits beside the bars: the
+        // consumer, then the producer and broker, then the scenario.
+        let lines = [
+            (run.variant.clone(), 38, " font-weight=\"bold\""),
+            (
+                format!("{} · {}", run.producer, run.backend),
+                50,
+                " font-size=\"11\" opacity=\"0.75\"",
+            ),
+            (
+                format!("{} · {} orders", run.scenario, run.messages),
+                50,
+                " font-size=\"11\" opacity=\"0.75\"",
+            ),
+        ];
+        for (line, (text, chars, style)) in lines.iter().enumerate() {
+            let _ = writeln!(
+                svg,
+                "<text x=\"0\" y=\"{}\"{style}>{}</text>",
+                top + 14.0 + 14.0 * line as f64,
+                escape(&fit(text, *chars))
+            );
+        }
         bar(
             &mut svg,
-            top + 4.0,
+            top + 6.0,
             run.double_charges,
             largest,
             DOUBLE_CHARGE_COLOUR,
         );
         bar(
             &mut svg,
-            top + 5.0 + BAR_HEIGHT,
+            top + 9.0 + BAR_HEIGHT,
             run.lost_events,
             largest,
             LOST_EVENT_COLOUR,

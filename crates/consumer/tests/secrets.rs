@@ -295,7 +295,8 @@ async fn a_refused_api_key_keeps_the_message_on_sqs() {
     a_refused_api_key_keeps_the_message(BackendKind::Sqs).await;
 }
 
-/// The listening TCP sockets of the machine, as (process name, address).
+/// The listening TCP sockets of the machine, as (process name, address);
+/// the name is `?` where the process is not ours to look into.
 fn listeners() -> Vec<(String, String)> {
     // Socket inode -> the local address of a socket in state LISTEN (0A).
     let mut sockets = std::collections::HashMap::new();
@@ -328,12 +329,19 @@ fn listeners() -> Vec<(String, String)> {
                 .strip_prefix("socket:[")
                 .and_then(|t| t.strip_suffix(']'))
             {
-                if let Some(address) = sockets.get(inode) {
-                    found.push((name.clone(), address.clone()));
+                if let Some(address) = sockets.remove(inode) {
+                    found.push((name.clone(), address));
                 }
             }
         }
     }
+    // Sockets of processes this user may not look into (another user's
+    // server) still count, by their port.
+    found.extend(
+        sockets
+            .into_values()
+            .map(|address| ("?".to_owned(), address)),
+    );
     found
 }
 
@@ -352,8 +360,47 @@ fn is_loopback(address: &str) -> bool {
     }
 }
 
+fn port_of(address: &str) -> u16 {
+    address
+        .rsplit(':')
+        .next()
+        .and_then(|port| u16::from_str_radix(port, 16).ok())
+        .unwrap_or(0)
+}
+
+/// The ports of Postgres, RabbitMQ, the SQS server and Kafka, from the
+/// environment `scripts/lib.sh` sets, with its defaults.
+fn service_ports() -> [u16; 4] {
+    let port = |var: &str, default: u16| {
+        std::env::var(var)
+            .ok()
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(default)
+    };
+    let amqp = std::env::var("EO_AMQP_URL")
+        .ok()
+        .and_then(|url| {
+            let authority = url.split("://").nth(1)?.split('/').next()?;
+            authority
+                .rsplit('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(5672);
+    [
+        port("EO_PG_PORT", 5432),
+        amqp,
+        port("EO_SQS_PORT", 9324),
+        port("EO_KAFKA_PORT", 9092),
+    ]
+}
+
 #[test]
 fn loopback_addresses_are_read_from_proc() {
+    assert_eq!(port_of("0100007F:1538"), 5432);
     assert!(is_loopback("0100007F:1538"));
     assert!(!is_loopback("00000000:1538"));
     assert!(is_loopback("00000000000000000000000001000000:1538"));
@@ -362,7 +409,7 @@ fn loopback_addresses_are_read_from_proc() {
 }
 
 /// Postgres, RabbitMQ (with Erlang's port mapper and distribution port),
-/// ElasticMQ and Kafka as `scripts/services-up` starts them, and the PSP,
+/// ElasticMQ and Kafka as the scripts start them, and the PSP,
 /// a consumer and a relay on their default addresses: nothing listens
 /// beyond loopback.
 #[tokio::test]
@@ -402,18 +449,29 @@ async fn every_server_we_start_listens_on_loopback_only() {
     for process in processes {
         outputs.push(process.stop().await);
     }
-    let started_by_services_up = ["postgres", "beam.smp", "epmd", "java"];
-    for name in ours.iter().chain(&started_by_services_up) {
+    // Natively, these run the services; under docker-compose a proxy
+    // process holds the ports instead, so the ports are checked too.
+    let service_processes = ["postgres", "beam.smp", "epmd", "java", "docker-proxy"];
+    let service_ports = service_ports();
+    for name in ours {
         assert!(
             servers.iter().any(|(n, _)| n == name),
             "{name} is listening: {servers:?}\n{}",
             outputs.join("\n")
         );
     }
+    for port in service_ports {
+        assert!(
+            servers.iter().any(|(_, address)| port_of(address) == port),
+            "a service listens on port {port} (scripts/services-up starts it): {servers:?}"
+        );
+    }
     let wide: Vec<_> = servers
         .iter()
         .filter(|(name, address)| {
-            (ours.contains(&name.as_str()) || started_by_services_up.contains(&name.as_str()))
+            (ours.contains(&name.as_str())
+                || service_processes.contains(&name.as_str())
+                || service_ports.contains(&port_of(address)))
                 && !is_loopback(address)
         })
         .collect();

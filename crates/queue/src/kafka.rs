@@ -792,14 +792,14 @@ impl KafkaInspector {
     /// stay where they are for the next look.
     pub async fn peek_dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         let topic = self.topology.dead_letter_topic();
-        let reader: BaseConsumer = client_config(&self.brokers)
+        let reader: BaseConsumer<PeekContext> = client_config(&self.brokers)
             // librdkafka wants a group even for assign(); this reader never
             // joins it and commits nothing to it.
             .set("group.id", format!("{}.peek", topic))
             .set("enable.auto.commit", "false")
             // Says when a partition has been read to its end.
             .set("enable.partition.eof", "true")
-            .create()
+            .create_with_context(PeekContext)
             .map_err(|e| QueueError::broker("create dead-letter reader", e))?;
         blocking("peek dead letters", move || {
             let partitions = partition_ids(&reader, &topic)?;
@@ -845,6 +845,22 @@ impl KafkaInspector {
     }
 }
 
+/// The dead-letter reader's context. librdkafka also reports the end of a
+/// partition as a client error, which the default context logs at ERROR;
+/// for this reader the end is the expected answer, not an error to show a
+/// reader of the logs. Every other error is logged as before.
+struct PeekContext;
+
+impl rdkafka::ClientContext for PeekContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for PeekContext {}
+
 /// Runs `call` again while it fails because a partition has no leader yet
 /// (a topic created a moment ago) or its leader just moved: both pass
 /// within a second or two, and a look at the topic must not fail on them.
@@ -870,11 +886,17 @@ fn leader_settling(error: &KafkaError) -> bool {
 }
 
 /// The partitions of `topic`, from the cluster's metadata.
-fn partition_ids(consumer: &impl Consumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
+fn partition_ids<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+) -> Result<Vec<i32>, KafkaError> {
     while_leader_settles(|| partition_ids_once(consumer, topic))
 }
 
-fn partition_ids_once(consumer: &impl Consumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
+fn partition_ids_once<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+) -> Result<Vec<i32>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
     let found = metadata.topics().iter().find(|t| t.name() == topic);
     match found {
