@@ -21,6 +21,9 @@ const BAR_HEIGHT: f64 = 15.0;
 const DOUBLE_CHARGE_COLOUR: &str = "#c62828";
 const LOST_EVENT_COLOUR: &str = "#ef8f00";
 const ZERO_COLOUR: &str = "#2e7d32";
+/// The chart's id on its page: `chNN-....html#before-after` opens the page
+/// at the chart, with the tables of the same runs under it.
+pub const ANCHOR: &str = "before-after";
 
 /// One `<figure>` holding the chart of every run of `reports`, in order,
 /// with a caption. It holds no blank line, so Markdown passes it through as
@@ -40,7 +43,7 @@ pub fn verdict_svg(reports: &[ChapterReport]) -> String {
     let mut svg = String::new();
     let _ = write!(
         svg,
-        "<figure class=\"verdict-chart\">\n\
+        "<figure class=\"verdict-chart\" id=\"{ANCHOR}\">\n\
          <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {WIDTH} {height}\" \
          width=\"100%\" style=\"max-width:{WIDTH}px\" role=\"img\" \
          font-family=\"sans-serif\" font-size=\"12\" fill=\"currentColor\">\n\
