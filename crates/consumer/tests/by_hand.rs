@@ -8,13 +8,15 @@
 //! variables the runbook documents, so that the defaults the page relies
 //! on point at this test's resources.
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use databases::FreshDatabase;
 use queue::backend::{BackendKind, Broker, QueueSpec};
+use support::{binary, free_addr};
 use tokio::process::{Child, Command};
+
+mod support;
 
 const RUNBOOK: &str = include_str!("../../../runbook/consumer.md");
 const SECTION: &str = "## Start the pipeline by hand";
@@ -70,30 +72,6 @@ fn as_binary(command: &str) -> Option<(String, Vec<String>)> {
     Some((binary.to_owned(), args))
 }
 
-/// Where cargo put this workspace's binaries: beside `deps/`, which holds
-/// this test. `cargo test --workspace` (scripts/test) builds them all.
-fn binary_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test knows where it is");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests run from target/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace's binaries first (cargo build --bins, or scripts/test)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 struct Pipeline {
     shop: FreshDatabase,
     psp: FreshDatabase,
@@ -119,14 +97,14 @@ impl Pipeline {
         let psp = FreshDatabase::create("by_hand_psp", 2).await.unwrap();
         let suffix = shop.name.trim_start_matches("by_hand_shop_").to_owned();
         let queue = QueueSpec::new(backend, format!("eo.by-hand.{suffix}"));
-        let psp_port = free_port();
+        let psp_addr = free_addr();
         let env = [
             ("EO_BACKEND", backend.name().to_owned()),
             ("EO_QUEUE", queue.name.clone()),
             ("EO_SHOP_DATABASE_URL", shop.url.clone()),
             ("PSP_DATABASE_URL", psp.url.clone()),
-            ("PSP_LISTEN", format!("127.0.0.1:{psp_port}")),
-            ("EO_PSP_URL", format!("http://127.0.0.1:{psp_port}")),
+            ("PSP_LISTEN", psp_addr.clone()),
+            ("EO_PSP_URL", format!("http://{psp_addr}")),
             ("EO_CONSUMER_METRICS_ADDR", "127.0.0.1:0".to_owned()),
             ("EO_RELAY_METRICS_ADDR", "127.0.0.1:0".to_owned()),
         ]
@@ -173,20 +151,20 @@ async fn follow_runbook(pipeline: &Pipeline) -> Vec<(String, Child)> {
     let mut services = Vec::new();
     for step in runbook_steps() {
         match as_binary(&step.command) {
-            Some((binary, args)) if SERVICES.contains(&binary.as_str()) => {
+            Some((name, args)) if SERVICES.contains(&name.as_str()) => {
                 let child = pipeline
-                    .command(binary_path(&binary))
+                    .command(binary(&name))
                     .args(&args)
                     .stdin(Stdio::null())
-                    .stdout(pipeline.log(&binary))
-                    .stderr(pipeline.log(&format!("{binary}.err")))
+                    .stdout(pipeline.log(&name))
+                    .stderr(pipeline.log(&format!("{name}.err")))
                     .spawn()
-                    .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
-                services.push((binary, child));
+                    .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+                services.push((name, child));
             }
-            Some((binary, args)) => {
+            Some((name, args)) => {
                 let output = pipeline
-                    .command(binary_path(&binary))
+                    .command(binary(&name))
                     .args(&args)
                     .output()
                     .await

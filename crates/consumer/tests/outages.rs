@@ -12,15 +12,17 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use databases::FreshDatabase;
-use payments::PaymentEvent;
 use psp::{PspConfig, PspServer};
 use queue::backend::{BackendKind, Broker, QueueSpec};
-use queue::OutgoingMessage;
+use support::{binary, publish_orders, wait_for_charges};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use uuid::Uuid;
+
+mod support;
+
+/// How long a batch of orders may take to be charged.
+const CHARGE_WAIT: Duration = Duration::from_secs(60);
 
 /// A loopback TCP proxy that can be switched off and on.
 struct Proxy {
@@ -65,11 +67,6 @@ impl Proxy {
     }
 }
 
-fn binary(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
-}
-
 async fn scrape(addr: &str) -> String {
     match reqwest::get(format!("http://{addr}/metrics")).await {
         Ok(response) => response.text().await.unwrap_or_default(),
@@ -87,41 +84,6 @@ async fn metrics_show(addr: &str, line: &str, within: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     false
-}
-
-async fn charged(psp: &sqlx::PgPool) -> (i64, i64) {
-    sqlx::query_as("SELECT count(*), count(DISTINCT order_id) FROM charges")
-        .fetch_one(psp)
-        .await
-        .unwrap()
-}
-
-async fn wait_for_charges(psp: &sqlx::PgPool, orders: i64) -> (i64, i64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let counts = charged(psp).await;
-        if counts.1 >= orders || Instant::now() > deadline {
-            // A moment more, so that a double charge would have landed.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return charged(psp).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn publish_orders(broker: &Broker, queue: &QueueSpec, count: usize) {
-    let publisher = broker.publisher(queue).await.unwrap();
-    for _ in 0..count {
-        let event = PaymentEvent::new(Uuid::new_v4(), 1999, "EUR", Utc::now());
-        publisher
-            .publish(&OutgoingMessage {
-                key: event.order_id.to_string(),
-                message_id: event.event_id.to_string(),
-                payload: event.encode(),
-            })
-            .await
-            .unwrap();
-    }
 }
 
 async fn rides_out_outages(backend: BackendKind) {
@@ -234,7 +196,10 @@ async fn rides_out_outages(backend: BackendKind) {
         "it connects once the broker answers; log:\n{}",
         log()
     );
-    assert_eq!(wait_for_charges(&psp_db.pool, 10).await, (10, 10));
+    assert_eq!(
+        wait_for_charges(&psp_db.pool, 10, CHARGE_WAIT).await,
+        (10, 10)
+    );
 
     // 2. The broker goes away mid-run, with orders waiting.
     broker_proxy.down();
@@ -245,7 +210,10 @@ async fn rides_out_outages(backend: BackendKind) {
         "it rides the outage out"
     );
     broker_proxy.up().await;
-    assert_eq!(wait_for_charges(&psp_db.pool, 20).await, (20, 20));
+    assert_eq!(
+        wait_for_charges(&psp_db.pool, 20, CHARGE_WAIT).await,
+        (20, 20)
+    );
 
     // 3. The database goes away mid-run.
     database_proxy.down();
@@ -256,7 +224,10 @@ async fn rides_out_outages(backend: BackendKind) {
         "it rides the outage out"
     );
     database_proxy.up().await;
-    assert_eq!(wait_for_charges(&psp_db.pool, 30).await, (30, 30));
+    assert_eq!(
+        wait_for_charges(&psp_db.pool, 30, CHARGE_WAIT).await,
+        (30, 30)
+    );
 
     let text = log();
     // RabbitMQ's connection drops with the proxy, and the consumer says so.

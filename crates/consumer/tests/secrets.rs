@@ -5,32 +5,14 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use databases::FreshDatabase;
-use payments::PaymentEvent;
 use psp::{PspConfig, PspServer};
 use queue::backend::{BackendKind, Broker, QueueSpec};
-use queue::OutgoingMessage;
+use support::{binary, charged, free_addr, publish_orders, wait_for_charges};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-fn binary(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace's binaries first (scripts/test does)",
-        path.display()
-    );
-    path
-}
-
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .to_string()
-}
+mod support;
 
 /// A process whose stdout and stderr go to one file, read back as text.
 struct Logged {
@@ -69,36 +51,6 @@ impl Logged {
         let _ = std::fs::remove_file(&self.log);
         output
     }
-}
-
-async fn charges(psp: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM charges")
-        .fetch_one(psp)
-        .await
-        .unwrap()
-}
-
-async fn wait_for_charges(psp: &sqlx::PgPool, want: i64, within: Duration) -> i64 {
-    let deadline = Instant::now() + within;
-    while charges(psp).await < want && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    charges(psp).await
-}
-
-async fn publish_one(broker: &Broker, queue: &QueueSpec) {
-    let event = PaymentEvent::new(Uuid::new_v4(), 1999, "EUR", Utc::now());
-    broker
-        .publisher(queue)
-        .await
-        .unwrap()
-        .publish(&OutgoingMessage {
-            key: event.order_id.to_string(),
-            message_id: event.event_id.to_string(),
-            payload: event.encode(),
-        })
-        .await
-        .unwrap();
 }
 
 /// The password of a `postgres://user:password@...` URL.
@@ -201,7 +153,7 @@ async fn no_credential_appears_in_any_log_line() {
     outputs.push(String::from_utf8_lossy(&produced.stderr).into_owned());
     assert_eq!(
         wait_for_charges(&psp_db.pool, 5, Duration::from_secs(60)).await,
-        5,
+        (5, 5),
         "consumer: {}",
         consumer.output()
     );
@@ -240,7 +192,7 @@ async fn a_refused_api_key_keeps_the_message(backend: BackendKind) {
     let queue = QueueSpec::new(backend, format!("eo.refused-key.{suffix}"));
     let broker = Broker::connect(backend).await.unwrap();
     broker.declare(&queue).await.unwrap();
-    publish_one(&broker, &queue).await;
+    publish_orders(&broker, &queue, 1).await;
 
     let consumer = |api_key: &str| {
         let mut command = Command::new(binary("consumer"));
@@ -269,12 +221,12 @@ async fn a_refused_api_key_keeps_the_message(backend: BackendKind) {
         !output.contains("panicked"),
         "a clear error, not a panic: {output}"
     );
-    assert_eq!(charges(&psp_db.pool).await, 0);
+    assert_eq!(charged(&psp_db.pool).await, (0, 0));
 
     let accepted = consumer(&PspConfig::default().api_key);
     assert_eq!(
         wait_for_charges(&psp_db.pool, 1, Duration::from_secs(90)).await,
-        1,
+        (1, 1),
         "the message came back to a consumer with the right key: {}",
         accepted.output()
     );
