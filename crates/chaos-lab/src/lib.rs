@@ -18,6 +18,10 @@
 //! - [`report`]: the Markdown table and the JSON object a chapter prints.
 //! - [`chart`]: the before/after chart of chapters' runs, from the same
 //!   reports.
+//! - [`outage`]: a broker, Postgres or the PSP taken away mid-run, from
+//!   outside the run's processes.
+//! - [`reliability`]: the fault matrix of the appendix, outages and slow
+//!   or competing services against the hardened pipeline.
 //! - [`chapter`]: the command line every chapter shares.
 //! - [`bad_input`]: the table of bad inputs from outside, each published by
 //!   a plain client and handled by the hardened consumer.
@@ -27,7 +31,9 @@ pub mod bad_input;
 pub mod cdc_relay;
 pub mod chapter;
 pub mod chart;
+pub mod outage;
 pub mod plan;
+pub mod reliability;
 pub mod report;
 pub mod roles;
 pub mod run;

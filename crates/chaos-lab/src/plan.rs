@@ -34,6 +34,10 @@ pub enum ProducerFault {
     /// With an outbox: the relay is SIGKILLed after the broker confirmed the
     /// order's event and before the row was marked sent.
     RelayCrashAfterPublish,
+    /// With an outbox: the producer is SIGKILLed inside the order's
+    /// transaction, after both INSERTs and before the COMMIT (once per
+    /// order: the restarted shop places it again).
+    CrashMidTransaction,
 }
 
 impl ProducerFault {
@@ -45,6 +49,7 @@ impl ProducerFault {
             ProducerFault::RepublishedAltered => "republished_altered",
             ProducerFault::RepublishedNewId => "republished_new_id",
             ProducerFault::RelayCrashAfterPublish => "relay_crash_after_publish",
+            ProducerFault::CrashMidTransaction => "crash_mid_transaction",
         }
     }
 }

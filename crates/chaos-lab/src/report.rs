@@ -69,6 +69,16 @@ pub struct RunReport {
     /// Settled deliveries per second, from the first receive to the last
     /// settle (meaningful for prefilled runs).
     pub throughput_per_second: f64,
+    /// The service taken away mid-run, if any, and how the run came back.
+    #[serde(default)]
+    pub outage: Option<crate::outage::OutageReport>,
+    /// Processes that exited without the lab's SIGKILL (a crash, or giving
+    /// up on a service) and were started again.
+    #[serde(default)]
+    pub unplanned_exits: u64,
+    /// Times a consumer lost the broker or its database and connected again.
+    #[serde(default)]
+    pub reconnects: u64,
     /// False when the run hit its deadline before it drained.
     pub drained: bool,
     pub elapsed_ms: u64,
@@ -612,11 +622,17 @@ impl ChapterReport {
     }
 }
 
+/// A drained run of ten orders, for other modules' tests.
+#[cfg(test)]
+pub(crate) fn sample_run(double_charges: u64) -> RunReport {
+    tests::run(double_charges)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn run(double_charges: u64) -> RunReport {
+    pub(super) fn run(double_charges: u64) -> RunReport {
         RunReport {
             scenario: "chaos schedule".into(),
             variant: "naive".into(),
@@ -664,6 +680,9 @@ mod tests {
             dead_letters: Vec::new(),
             traces: Default::default(),
             throughput_per_second: 0.0,
+            outage: None,
+            unplanned_exits: 0,
+            reconnects: 0,
             drained: true,
             elapsed_ms: 1234,
         }

@@ -270,12 +270,26 @@ impl Publisher for ChaosPublisher {
     }
 }
 
-/// SIGKILLs the producer after the commit of each order planned to crash.
-struct PlannedProducerCrashes(HashSet<Uuid>);
+/// SIGKILLs the producer after the commit of each order planned to crash
+/// there, and inside the transaction of each planned to crash mid-way (once:
+/// the restarted producer places that order again).
+struct PlannedProducerCrashes {
+    after_commit: HashSet<Uuid>,
+    mid_transaction: HashSet<Uuid>,
+    marker_dir: PathBuf,
+}
 
 impl ProducerFaults for PlannedProducerCrashes {
     fn after_commit(&self, order: &Order) {
-        if self.0.contains(&order.order_id) {
+        if self.after_commit.contains(&order.order_id) {
+            consumer::crash::kill_this_process();
+        }
+    }
+
+    fn before_commit(&self, order: &Order) {
+        if self.mid_transaction.contains(&order.order_id)
+            && first_time(&self.marker_dir, "producer-mid-transaction", order.order_id)
+        {
             consumer::crash::kill_this_process();
         }
     }
@@ -308,19 +322,33 @@ fn chaos_publisher(config: &RunConfig, inner: Box<dyn Publisher>) -> ChaosPublis
 }
 
 async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
-    let pool = databases::connect(&config.shop_database_url, 2).await?;
-    let broker = Broker::connect(config.queue.backend).await?;
-    let publisher = chaos_publisher(&config, broker.publisher(&config.queue).await?);
-    let crashes =
-        PlannedProducerCrashes(orders_with(&config, ProducerFault::CrashAfterCommit).collect());
+    let pool = ride_out("connecting to the shop's database", || {
+        databases::connect(&config.shop_database_url, 2)
+    })
+    .await?;
+    let broker = ride_out("connecting to the broker", || {
+        Broker::connect(config.queue.backend)
+    })
+    .await?;
+    let publisher = chaos_publisher(
+        &config,
+        ride_out("opening a publisher", || broker.publisher(&config.queue)).await?,
+    );
+    let crashes = PlannedProducerCrashes {
+        after_commit: orders_with(&config, ProducerFault::CrashAfterCommit).collect(),
+        mid_transaction: orders_with(&config, ProducerFault::CrashMidTransaction).collect(),
+        marker_dir: config.work_dir.clone(),
+    };
 
     // A restarted producer carries on after the last order it committed,
     // like a web shop that keeps taking orders after a restart. An order
     // committed but not published before the crash is never looked at again.
-    let committed: HashSet<Uuid> = shop::committed_order_ids(&pool)
-        .await?
-        .into_iter()
-        .collect();
+    let committed: HashSet<Uuid> = ride_out("reading the committed orders", || {
+        shop::committed_order_ids(&pool)
+    })
+    .await?
+    .into_iter()
+    .collect();
     for planned in config
         .plan
         .orders
@@ -335,21 +363,70 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
             amount_cents: planned.amount_cents,
             currency: planned.currency.clone(),
         };
-        match config.producer {
-            ProducerKind::Naive => {
-                naive_producer::place_order(&pool, &publisher, &crashes, &order)
-                    .await
-                    .with_context(|| format!("placing order {}", order.order_id))?;
-            }
-            ProducerKind::Outbox { .. } | ProducerKind::Cdc { .. } => {
-                shop::outbox_producer::place_order(&pool, &crashes, &order)
-                    .await
-                    .with_context(|| format!("placing order {}", order.order_id))?;
+        let mut backoff = telemetry::service::Backoff::default();
+        let started = std::time::Instant::now();
+        loop {
+            let placed = match config.producer {
+                ProducerKind::Naive => {
+                    naive_producer::place_order(&pool, &publisher, &crashes, &order)
+                        .await
+                        .map(|_| ())
+                }
+                ProducerKind::Outbox { .. } | ProducerKind::Cdc { .. } => {
+                    shop::outbox_producer::place_order(&pool, &crashes, &order).await
+                }
+            };
+            let error = match placed {
+                Ok(()) => break,
+                Err(error) if started.elapsed() < RIDE_OUT => error,
+                Err(error) => {
+                    return Err(error).with_context(|| format!("placing order {}", order.order_id))
+                }
+            };
+            // The shop's database went away (a restart): like a web shop, try
+            // the order again once it is back, unless its COMMIT got through
+            // before the connection broke.
+            let delay = backoff.next_delay();
+            tracing::warn!(order_id = %order.order_id, %error, "placing the order failed; retrying in {delay:?}");
+            tokio::time::sleep(delay).await;
+            if shop::committed_order_ids(&pool)
+                .await
+                .is_ok_and(|ids| ids.contains(&order.order_id))
+            {
+                break;
             }
         }
     }
     publish_poison(&config, &*publisher.inner).await?;
     Ok(())
+}
+
+/// How long the producer keeps retrying a service that went away before it
+/// gives up and exits (the lab then restarts it).
+const RIDE_OUT: Duration = Duration::from_secs(60);
+
+/// Retries `attempt` with backoff while it fails, for up to [`RIDE_OUT`],
+/// logging each failure: the broker or the database restarting is an
+/// outage to wait out, not a reason to exit.
+async fn ride_out<T, E, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display + Send + Sync + 'static + Into<anyhow::Error>,
+{
+    let mut backoff = telemetry::service::Backoff::default();
+    let started = std::time::Instant::now();
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) if started.elapsed() < RIDE_OUT => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, "{what} failed; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => return Err(error.into()).context(what.to_owned()),
+        }
+    }
 }
 
 /// Publishes the plan's poison messages after the orders, once per run (a

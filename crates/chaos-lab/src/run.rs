@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::audit::Audit;
 use crate::cdc_relay::{CdcRelay, ConnectOutage};
+use crate::outage::{OutageTimes, PlannedOutage};
 use crate::plan::ChaosPlan;
 use crate::report::{ConsumerScrape, DeadLetterSummary, RunReport};
 use crate::roles::{ProducerKind, Role, RunConfig};
@@ -64,6 +65,8 @@ pub struct RunSpec {
     pub transactional_ack: bool,
     /// CDC (chapter 7): when Kafka Connect is SIGKILLed and for how long.
     pub connect_outage: Option<ConnectOutage>,
+    /// A service (broker, Postgres, PSP) taken away mid-run.
+    pub outage: Option<PlannedOutage>,
 }
 
 impl RunSpec {
@@ -90,6 +93,7 @@ impl RunSpec {
             publish_pace: None,
             transactional_ack: false,
             connect_outage: None,
+            outage: None,
         }
     }
 }
@@ -135,6 +139,14 @@ struct Tally {
     charge_times_ms: Vec<u64>,
     /// What happens to a killed consumer's message on this backend.
     comes_back: &'static str,
+    /// When each delivery that finished an order (charged, a dedup hit,
+    /// dead-lettered) was settled: the outage report's recovery.
+    finished_at: Vec<Instant>,
+    /// Exits the lab did not cause (not its SIGKILL, not its stop, not a
+    /// producer that placed every order): each one was restarted.
+    unplanned_exits: u64,
+    /// Times a consumer lost the broker or its database and connected again.
+    reconnects: u64,
 }
 
 impl Tally {
@@ -213,6 +225,12 @@ impl Tally {
                     if matches!(outcome, Outcome::Charged { .. }) {
                         self.charge_times_ms.push(*elapsed_ms);
                     }
+                    if matches!(
+                        outcome,
+                        Outcome::Charged { .. } | Outcome::Duplicate | Outcome::DeadLettered { .. }
+                    ) {
+                        self.finished_at.push(Instant::now());
+                    }
                     self.last_settled = Some(Instant::now());
                     if let Some(order_id) = order_id {
                         self.holding.remove(process);
@@ -264,6 +282,21 @@ impl Tally {
                     }
                 }
                 Observation::LeaseExtended { .. } => self.lease_extensions += 1,
+                Observation::Reconnecting { dependency, reason } => {
+                    // Whatever it held goes back to the broker with the
+                    // connection: it is in nobody's hand until handed out again.
+                    self.reconnects += 1;
+                    self.in_hand.remove(process);
+                    if let Some(order_id) = self.holding.remove(process) {
+                        self.trace(
+                            order_id,
+                            format!(
+                                "consumer {} loses the {dependency} ({reason}): the message goes back",
+                                process.slot
+                            ),
+                        );
+                    }
+                }
             },
             LabEvent::Exited {
                 process,
@@ -286,6 +319,11 @@ impl Tally {
                     }
                 }
                 let point = self.crashing.remove(process);
+                let placed_every_order =
+                    process.role == Role::Producer && *exit == ExitKind::Code(0);
+                if !killed && !*stopping && !placed_every_order {
+                    self.unplanned_exits += 1;
+                }
                 match process.role {
                     Role::Consumer if killed && !stopping => {
                         self.consumer_kills += 1;
@@ -411,7 +449,12 @@ pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<Run
     // The config holds the run's database URL and PSP key: it goes whether
     // the run passed or failed (the logs beside it stay for a failed run).
     let _ = std::fs::remove_file(work_dir.join(CONFIG_FILE));
-    let _ = broker.delete(&queue_spec).await;
+    if broker.delete(&queue_spec).await.is_err() {
+        // The lab's own connection may not have survived a broker restart.
+        if let Ok(fresh) = Broker::connect(backend).await {
+            let _ = fresh.delete(&queue_spec).await;
+        }
+    }
     let _ = shop.drop_database().await;
     let _ = psp_db.drop_database().await;
     if result.is_ok() {
@@ -464,6 +507,8 @@ async fn run_in(
     let psp = psp::server::PspServer::start(psp_db.pool.clone(), psp_config, "127.0.0.1:0")
         .await
         .context("starting the PSP")?;
+    // Taken by a PSP outage while it lasts, and handed back serving again.
+    let mut psp = Some(psp);
     broker.declare(queue_spec).await?;
 
     // Only its owner may list the run's folder: logs and markers go there.
@@ -502,7 +547,7 @@ async fn run_in(
         producer: spec.producer,
         plan: spec.plan.clone(),
         shop_database_url: shop.url.clone(),
-        psp_base_url: psp.base_url(),
+        psp_base_url: psp.as_ref().map(|psp| psp.base_url()).unwrap_or_default(),
         psp_api_key: api_key,
         psp_timeout_ms: spec.psp_timeout.as_millis() as u64,
         queue: queue_spec.clone(),
@@ -572,9 +617,17 @@ async fn run_in(
         spec.variant.name(),
         (spec.plan.orders.len() + poison_orders) as u64,
     );
-    let inspector = broker.inspector(queue_spec)?;
+    let mut inspector = broker.inspector(queue_spec)?;
+    // After a broker restart the lab looks through a connection of its own
+    // made afterwards: the one it started with went down with the broker.
+    let mut reconnected: Option<Broker> = None;
+    let mut waiting_at_outage: Option<u64> = None;
     let deadline = Instant::now() + spec.deadline;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut outage_task: Option<tokio::task::JoinHandle<OutageOutcome>> = None;
+    let outage_pending = |task: &Option<tokio::task::JoinHandle<OutageOutcome>>| {
+        spec.outage.is_some() && task.as_ref().is_none_or(|task| !task.is_finished())
+    };
     let outcome: Result<bool, String> = loop {
         tokio::select! {
             Some(event) = events.recv() => {
@@ -587,6 +640,17 @@ async fn run_in(
                 if Instant::now() > deadline {
                     break Ok(false);
                 }
+                if let Some(planned) = spec.outage {
+                    if outage_task.is_none() && tally.settled_orders.len() as u64 >= planned.after_settled {
+                        let psp = match planned.outage {
+                            crate::outage::Outage::PspUnreachable => psp.take(),
+                            _ => None,
+                        };
+                        // What a broker that keeps messages in memory would lose.
+                        waiting_at_outage = inspector.ready_count().await.ok();
+                        outage_task = Some(tokio::spawn(crate::outage::cause(planned, backend, psp)));
+                    }
+                }
                 if let Some(relay) = cdc_relay.as_mut() {
                     match relay.tick(&shop.pool).await {
                         Ok(Some(line)) => tally.trace_all_in_flight(line),
@@ -595,7 +659,17 @@ async fn run_in(
                     }
                 }
                 let quiet = tally.last_event.is_none_or(|t| t.elapsed() >= spec.quiet_period);
-                if tally.producer_done && tally.idle() && quiet
+                let broker_came_back = spec.outage.is_some_and(|o| o.outage == crate::outage::Outage::BrokerRestart)
+                    && !outage_pending(&outage_task);
+                if broker_came_back && reconnected.is_none() {
+                    if let Ok(fresh) = Broker::connect(backend).await {
+                        if let Ok(fresh_inspector) = fresh.inspector(queue_spec) {
+                            inspector = fresh_inspector;
+                            reconnected = Some(fresh);
+                        }
+                    }
+                }
+                if tally.producer_done && tally.idle() && quiet && !outage_pending(&outage_task)
                     && relay_drained(spec.producer, &shop.pool, &inspector, &tally, cdc_relay.as_ref()).await
                 {
                     break Ok(true);
@@ -611,7 +685,28 @@ async fn run_in(
         let _ = tally.record(&event);
     }
     progress.finish(&tally);
-    let _ = psp.shutdown().await;
+    let outage = match outage_task {
+        Some(task) => {
+            let (times, handed_back) = task
+                .await
+                .context("the outage task panicked")?
+                .context("causing the outage")?;
+            if handed_back.is_some() {
+                psp = handed_back;
+            }
+            let planned = spec.outage.expect("a task only for a planned outage");
+            Some(times.report(
+                planned.outage,
+                started,
+                &tally.finished_at,
+                waiting_at_outage,
+            ))
+        }
+        None => None,
+    };
+    if let Some(psp) = psp {
+        let _ = psp.shutdown().await;
+    }
     let (connect_kills, topic_count) = match cdc_relay {
         Some(relay) => {
             let kills = relay.kills;
@@ -694,10 +789,16 @@ async fn run_in(
         charge_time_p99_ms: percentile(&tally.charge_times_ms, 0.99),
         dead_letters,
         traces: tally.traces,
+        outage,
+        unplanned_exits: tally.unplanned_exits,
+        reconnects: tally.reconnects,
         drained,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
 }
+
+/// What an outage task hands back: its moments, and the PSP if it took it.
+type OutageOutcome = anyhow::Result<(OutageTimes, Option<psp::server::RunningPsp>)>;
 
 /// The `q` quantile (nearest rank) of `values`, 0 when there are none.
 fn percentile(values: &[u64], q: f64) -> u64 {

@@ -406,6 +406,10 @@ impl Receiver for LateSettlements<'_> {
         self.tolerate(result)
     }
 
+    async fn settled(&mut self) -> Result<(), QueueError> {
+        self.inner.settled().await
+    }
+
     async fn requeue(&mut self, delivery: &Delivery) -> Result<(), QueueError> {
         let result = self.inner.requeue(delivery).await;
         self.tolerate(result)

@@ -62,6 +62,7 @@ pub async fn handle_ack_on_receipt(
     };
     // The broker forgets the message now. From here on, a crash loses it.
     receiver.ack(delivery).await?;
+    receiver.settled().await?;
     consumer.crash_point(CrashPoint::BeforeCharge, &event);
 
     let charge = match consumer.psp.charge(&charge_request(&event), None).await {

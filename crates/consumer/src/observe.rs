@@ -45,6 +45,10 @@ pub enum Observation {
     MetricsServed { addr: String },
     /// The process is about to SIGKILL itself at this point.
     Crashing { order_id: Uuid, point: CrashPoint },
+    /// The process lost `dependency` (the broker, the database) and
+    /// connects again: every delivery it held unsettled goes back to the
+    /// broker, to be handed out again.
+    Reconnecting { dependency: String, reason: String },
 }
 
 /// How one delivery ended.
@@ -119,6 +123,8 @@ impl Observer for LogObserver {
             | Observation::LeaseExtended { .. }
             | Observation::MetricsServed { .. }
             | Observation::Crashing { .. } => {}
+            // The service logs it already, with the delay before it retries.
+            Observation::Reconnecting { .. } => {}
         }
     }
 }

@@ -159,6 +159,10 @@ pub async fn run(
             }
             Err(ConsumerError::Database(error)) => {
                 set_connected("database", false);
+                consumer.observer.observe(&Observation::Reconnecting {
+                    dependency: "database".to_owned(),
+                    reason: error.to_string(),
+                });
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     "shop database error: {error}; the message was handed back, \
@@ -171,6 +175,10 @@ pub async fn run(
             }
             Err(error) => {
                 set_connected("broker", false);
+                consumer.observer.observe(&Observation::Reconnecting {
+                    dependency: "broker".to_owned(),
+                    reason: error.to_string(),
+                });
                 let delay = backoff.next_delay();
                 tracing::warn!("lost the broker: {error}; reconnecting in {delay:?}");
                 if sleep_or_stop(delay, &mut stop).await {

@@ -263,6 +263,15 @@ impl Inspector {
         })
     }
 
+    /// Messages waiting to be handed out (on Kafka: the group's lag).
+    pub async fn ready_count(&self) -> Result<u64, QueueError> {
+        match self {
+            Inspector::Rabbitmq(inspector) => inspector.ready_count().await,
+            Inspector::Sqs(inspector) => inspector.ready_count().await,
+            Inspector::Kafka(inspector) => inspector.ready_count().await,
+        }
+    }
+
     pub async fn dead_letter_count(&self) -> Result<u64, QueueError> {
         match self {
             Inspector::Rabbitmq(inspector) => inspector.dead_letter_count().await,

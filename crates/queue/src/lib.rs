@@ -146,6 +146,14 @@ pub trait Receiver: Send {
     /// Done: the broker forgets the message.
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), QueueError>;
 
+    /// Returns once the broker has processed every settlement sent before
+    /// it. RabbitMQ answers no ack, so a process killed right after `ack`
+    /// can take the ack down with it (the kernel resets a socket that still
+    /// holds unread deliveries); SQS and Kafka settle with a reply already.
+    async fn settled(&mut self) -> Result<(), QueueError> {
+        Ok(())
+    }
+
     /// Not done: hand it out again (now, or when the lease runs out).
     async fn requeue(&mut self, delivery: &Delivery) -> Result<(), QueueError>;
 

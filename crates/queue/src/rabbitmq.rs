@@ -430,6 +430,23 @@ impl crate::Receiver for RabbitReceiver {
             .map_err(|e| QueueError::broker("basic.ack", e))
     }
 
+    /// The broker handles a channel's frames in order, so the reply to a
+    /// passive declare on this channel means every ack before it arrived.
+    async fn settled(&mut self) -> Result<(), QueueError> {
+        self.channel
+            .queue_declare(
+                &self.topology.queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::broker("queue.declare (passive)", e))
+    }
+
     async fn requeue(&mut self, delivery: &Delivery) -> Result<(), QueueError> {
         let tag = Self::delivery_tag(delivery)?;
         self.channel

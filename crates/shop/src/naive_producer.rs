@@ -23,6 +23,10 @@ use crate::{Order, ShopError};
 pub trait ProducerFaults: Send + Sync {
     /// Called between the commit and the publish. A crash fault never returns.
     fn after_commit(&self, order: &Order);
+
+    /// Called inside the order's transaction, just before its COMMIT (the
+    /// outbox producer). A crash fault never returns.
+    fn before_commit(&self, _order: &Order) {}
 }
 
 /// No faults: the producer as it runs in production.

@@ -30,6 +30,7 @@ pub async fn place_order(
         .bind(OUTBOX_CHANNEL)
         .execute(&mut *tx)
         .await?;
+    faults.before_commit(order); // a crash here rolls back both rows: no promise made
     tx.commit().await?;
 
     faults.after_commit(order); // a crash here loses nothing: the row is pending
