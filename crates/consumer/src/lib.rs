@@ -334,7 +334,7 @@ impl PaymentConsumer {
         delivery: &Delivery,
         reason: String,
     ) -> Result<Outcome, ConsumerError> {
-        tokio::time::sleep(self.requeue_delay).await;
+        tokio::time::sleep(requeue_pause(self.requeue_delay, delivery)).await;
         receiver.requeue(delivery).await?;
         Ok(Outcome::Requeued { reason })
     }
@@ -429,6 +429,23 @@ impl Receiver for LateSettlements<'_> {
     }
 }
 
+/// The longest pause before a failed delivery goes back.
+pub const MAX_REQUEUE_PAUSE: Duration = Duration::from_secs(10);
+
+/// The pause before handing `delivery` back: `first`, doubled for each
+/// earlier receive the broker counted (SQS), up to [`MAX_REQUEUE_PAUSE`].
+/// With a fixed pause, a PSP that is down for ten seconds would use up a
+/// queue's `maxReceiveCount` of 10 in two, and the redrive policy would
+/// move a payment that only had to wait to the dead-letter queue.
+pub fn requeue_pause(first: Duration, delivery: &Delivery) -> Duration {
+    let earlier = delivery
+        .delivery_count
+        .unwrap_or(1)
+        .saturating_sub(1)
+        .min(16);
+    (first * 2u32.pow(earlier)).min(MAX_REQUEUE_PAUSE)
+}
+
 /// True on the first hand-out of a message. Brokers that count deliveries
 /// (SQS) say so exactly; RabbitMQ's classic queues only flag a redelivery.
 pub fn is_first_delivery(delivery: &Delivery) -> bool {
@@ -464,4 +481,34 @@ pub(crate) async fn insert_payment(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(delivery_count: Option<u32>) -> Delivery {
+        Delivery {
+            payload: Vec::new(),
+            message_id: None,
+            redelivered: delivery_count.is_some_and(|count| count > 1),
+            delivery_count,
+            receipt: queue::Receipt::DeliveryTag(1),
+        }
+    }
+
+    #[test]
+    fn the_requeue_pause_doubles_with_each_counted_receive_up_to_its_ceiling() {
+        let first = Duration::from_millis(200);
+        let pause = |count| requeue_pause(first, &received(count));
+        assert_eq!(pause(None), first);
+        assert_eq!(pause(Some(1)), first);
+        assert_eq!(pause(Some(2)), first * 2);
+        assert_eq!(pause(Some(6)), first * 32);
+        assert_eq!(pause(Some(7)), MAX_REQUEUE_PAUSE);
+        assert_eq!(pause(Some(u32::MAX)), MAX_REQUEUE_PAUSE);
+        // Ten receives wait out more than a ten-second outage.
+        let waited: Duration = (1..10).map(|count| pause(Some(count))).sum();
+        assert!(waited > Duration::from_secs(30), "{waited:?}");
+    }
 }
