@@ -34,6 +34,12 @@ pub struct Audit {
 }
 
 impl Audit {
+    /// The design's verdict: every committed order charged exactly once,
+    /// and no order charged that the shop never committed.
+    pub fn every_order_charged_once(&self) -> bool {
+        self.offending_orders.is_empty() && self.charges_per_order[1] == self.orders_committed
+    }
+
     pub async fn measure(shop: &PgPool, psp: &PgPool) -> anyhow::Result<Self> {
         let expected: HashSet<String> = shop::committed_order_ids(shop)
             .await?

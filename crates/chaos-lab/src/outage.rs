@@ -128,11 +128,6 @@ pub enum OutageError {
     },
 }
 
-/// The service `scripts/outage` acts on for the broker of `backend`.
-pub fn broker_service(backend: BackendKind) -> &'static str {
-    backend.name()
-}
-
 /// `scripts/outage SERVICE down|up`, or the script named by
 /// `EO_OUTAGE_SCRIPT`.
 fn script() -> PathBuf {
@@ -187,7 +182,7 @@ pub(crate) async fn cause(
     let (restarting, psp) = match planned.outage {
         Outage::BrokerRestart | Outage::PostgresRestart => {
             let service_name = match planned.outage {
-                Outage::BrokerRestart => broker_service(backend),
+                Outage::BrokerRestart => backend.name(),
                 _ => "postgres",
             };
             service(service_name, "down").await?;

@@ -185,7 +185,6 @@ pub fn spec(fault: Fault, backend: BackendKind, seed: u64, settings: &MatrixSett
 
 /// The runs of one fault on one broker, over every seed.
 pub struct MatrixRow<'a> {
-    pub fault: Fault,
     pub backend: BackendKind,
     pub runs: Vec<&'a RunReport>,
 }
@@ -257,10 +256,7 @@ pub fn claims(runs: &[RunReport]) -> Vec<Claim> {
         ),
         Claim::new(
             "every committed order charged exactly once in every run (PSP ledger)",
-            runs.iter().all(|run| {
-                run.audit.offending_orders.is_empty()
-                    && run.audit.charges_per_order[1] == run.audit.orders_committed
-            }),
+            runs.iter().all(|run| run.audit.every_order_charged_once()),
         ),
         Claim::new(
             "after every outage, orders settled again",
@@ -323,7 +319,6 @@ mod tests {
     fn a_row_sums_the_seeds_and_shows_the_worst_recovery() {
         let (first, second) = (after_outage(Some(1500)), after_outage(Some(4200)));
         let row = MatrixRow {
-            fault: Fault::Outage(Outage::BrokerRestart),
             backend: BackendKind::Rabbitmq,
             runs: vec![&first, &second],
         };

@@ -363,9 +363,10 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
             amount_cents: planned.amount_cents,
             currency: planned.currency.clone(),
         };
-        let mut backoff = telemetry::service::Backoff::default();
-        let started = std::time::Instant::now();
-        loop {
+        // The shop's database going away (a restart) fails the order: like
+        // a web shop, try it again once the database is back, unless its
+        // COMMIT got through before the connection broke.
+        ride_out(&format!("placing order {}", order.order_id), || async {
             let placed = match config.producer {
                 ProducerKind::Naive => {
                     naive_producer::place_order(&pool, &publisher, &crashes, &order)
@@ -376,26 +377,18 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
                     shop::outbox_producer::place_order(&pool, &crashes, &order).await
                 }
             };
-            let error = match placed {
-                Ok(()) => break,
-                Err(error) if started.elapsed() < RIDE_OUT => error,
-                Err(error) => {
-                    return Err(error).with_context(|| format!("placing order {}", order.order_id))
+            match placed {
+                Err(_)
+                    if shop::committed_order_ids(&pool)
+                        .await
+                        .is_ok_and(|ids| ids.contains(&order.order_id)) =>
+                {
+                    Ok(())
                 }
-            };
-            // The shop's database went away (a restart): like a web shop, try
-            // the order again once it is back, unless its COMMIT got through
-            // before the connection broke.
-            let delay = backoff.next_delay();
-            tracing::warn!(order_id = %order.order_id, %error, "placing the order failed; retrying in {delay:?}");
-            tokio::time::sleep(delay).await;
-            if shop::committed_order_ids(&pool)
-                .await
-                .is_ok_and(|ids| ids.contains(&order.order_id))
-            {
-                break;
+                other => other,
             }
-        }
+        })
+        .await?;
     }
     publish_poison(&config, &*publisher.inner).await?;
     Ok(())
@@ -412,7 +405,7 @@ async fn ride_out<T, E, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
-    E: std::fmt::Display + Send + Sync + 'static + Into<anyhow::Error>,
+    E: std::fmt::Display + Into<anyhow::Error>,
 {
     let mut backoff = telemetry::service::Backoff::default();
     let started = std::time::Instant::now();

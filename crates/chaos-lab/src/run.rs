@@ -507,6 +507,7 @@ async fn run_in(
     let psp = psp::server::PspServer::start(psp_db.pool.clone(), psp_config, "127.0.0.1:0")
         .await
         .context("starting the PSP")?;
+    let psp_base_url = psp.base_url();
     // Taken by a PSP outage while it lasts, and handed back serving again.
     let mut psp = Some(psp);
     broker.declare(queue_spec).await?;
@@ -547,7 +548,7 @@ async fn run_in(
         producer: spec.producer,
         plan: spec.plan.clone(),
         shop_database_url: shop.url.clone(),
-        psp_base_url: psp.as_ref().map(|psp| psp.base_url()).unwrap_or_default(),
+        psp_base_url,
         psp_api_key: api_key,
         psp_timeout_ms: spec.psp_timeout.as_millis() as u64,
         queue: queue_spec.clone(),

@@ -86,7 +86,6 @@ async fn matrix(lab: Lab, args: MatrixArgs) -> anyhow::Result<ChapterReport> {
         .iter()
         .flat_map(|&backend| faults.iter().map(move |&fault| (fault, backend)))
         .map(|(fault, backend)| MatrixRow {
-            fault,
             backend,
             runs: runs
                 .iter()
