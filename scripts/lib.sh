@@ -19,6 +19,12 @@ export EO_KAFKA_PORT="${EO_KAFKA_PORT:-9092}"
 export EO_KAFKA_CONTROLLER_PORT="${EO_KAFKA_CONTROLLER_PORT:-9093}"
 export EO_KAFKA_BROKERS="${EO_KAFKA_BROKERS:-127.0.0.1:${EO_KAFKA_PORT}}"
 export EO_KAFKA_JAVA_OPTS="${EO_KAFKA_JAVA_OPTS:--Xms256m -Xmx768m}"
+# The three-broker Kafka cluster of Leg 2 (scripts/kafka-cluster): broker N
+# listens on EO_KAFKA_CLUSTER_PORT + N - 1, its controller on its own port.
+export EO_KAFKA_CLUSTER_PORT="${EO_KAFKA_CLUSTER_PORT:-19092}"
+export EO_KAFKA_CLUSTER_CONTROLLER_PORT="${EO_KAFKA_CLUSTER_CONTROLLER_PORT:-19099}"
+export EO_KAFKA_CLUSTER_BROKERS="${EO_KAFKA_CLUSTER_BROKERS:-127.0.0.1:${EO_KAFKA_CLUSTER_PORT},127.0.0.1:$((EO_KAFKA_CLUSTER_PORT + 1)),127.0.0.1:$((EO_KAFKA_CLUSTER_PORT + 2))}"
+export EO_KAFKA_CLUSTER_JAVA_OPTS="${EO_KAFKA_CLUSTER_JAVA_OPTS:--Xms128m -Xmx384m}"
 # Kafka Connect (chapter 7) runs from the Kafka jars with Debezium's plugin
 # unpacked here. The Rust side reads the same variables (cdc::ConnectSettings).
 export EO_CONNECT_CLASSPATH="${EO_CONNECT_CLASSPATH:-$EO_STATE_DIR/kafka/lib/*}"
@@ -118,6 +124,34 @@ jvm_pid() {
     pid="$(cat "$pid_file")"
     { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF " $main_class" || return 1
     echo "$pid"
+}
+
+# start_jvm PID_FILE LOG JAVA_ARGS...: starts a server in its own session,
+# with no terminal, so that it outlives this script. The inner shell writes
+# its own pid and then becomes java (exec), so the pid file names the server
+# even where setsid has to fork (under job control $! would be the parent
+# that exits).
+start_jvm() {
+    local pid_file=$1 log=$2
+    shift 2
+    rm -f "$pid_file"
+    # shellcheck disable=SC2016 # $$ is the inner shell's
+    setsid nohup bash -c 'echo $$ >"$0"; exec java "$@"' "$pid_file" "$@" \
+        >>"$log" 2>&1 </dev/null &
+    wait_until 10 "the pid file $pid_file" test -s "$pid_file"
+}
+
+# jvm_ready NAME PID_FUNCTION LOG CHECK...: CHECK answers, or fail fast with
+# the log when the server we started has died.
+jvm_ready() {
+    local name=$1 pid_function=$2 log=$3
+    shift 3
+    "$@" && return 0
+    if ! "$pid_function" >/dev/null; then
+        tail -n 30 "$log" >&2 || true
+        die "$name exited during startup (log: $log)"
+    fi
+    return 1
 }
 
 # The ElasticMQ process that services-up started natively, if it still runs.

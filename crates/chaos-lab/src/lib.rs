@@ -22,12 +22,17 @@
 //!   outside the run's processes.
 //! - [`reliability`]: the fault matrix of the appendix, outages and slow
 //!   or competing services against the hardened pipeline.
+//! - [`broker_loss`]: Leg 2, loss inside the broker, setting against
+//!   setting on RabbitMQ and on a three-broker Kafka cluster.
+//! - [`soak`]: the hardened pipeline for minutes at a steady rate, with
+//!   kills on the lab's clock, watched for leaks.
 //! - [`chapter`]: the command line every chapter shares.
 //! - [`bad_input`]: the table of bad inputs from outside, each published by
 //!   a plain client and handled by the hardened consumer.
 
 pub mod audit;
 pub mod bad_input;
+pub mod broker_loss;
 pub mod cdc_relay;
 pub mod chapter;
 pub mod chart;
@@ -37,6 +42,7 @@ pub mod reliability;
 pub mod report;
 pub mod roles;
 pub mod run;
+pub mod soak;
 pub mod supervisor;
 
 pub use chapter::{Chapter, Lab};

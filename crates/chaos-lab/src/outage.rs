@@ -8,11 +8,15 @@
 //! `rabbitmqctl stop_app`, a SIGKILLed Kafka or ElasticMQ, a fast shutdown
 //! of Postgres, then a start. The PSP runs inside the lab, which closes its
 //! port (connections refused) and opens it again on the same address.
+//!
+//! Leg 2 runs on a three-broker Kafka cluster (`scripts/kafka-cluster`):
+//! the lab asks the cluster which broker leads the topic's partition and
+//! SIGKILLs that one, after stalling its followers (SIGSTOP) if asked.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use queue::backend::BackendKind;
+use queue::backend::{BackendKind, Broker, QueueSpec};
 use serde::{Deserialize, Serialize};
 
 /// A service taken away mid-run.
@@ -27,6 +31,14 @@ pub enum Outage {
     PostgresRestart,
     /// The PSP's port refuses connections, then serves again.
     PspUnreachable,
+    /// Kafka cluster: the broker leading the topic's first partition is
+    /// SIGKILLed, and started again after the hold.
+    PartitionLeaderKilled,
+    /// Kafka cluster: the partition's followers stall (SIGSTOP, as in a
+    /// long GC pause or a frozen VM) for this long while the leader keeps
+    /// serving; then the leader is SIGKILLed, the followers resume, and
+    /// the leader is started again after the hold.
+    FollowersStallThenLeaderKilled { stall_ms: u64 },
 }
 
 impl Outage {
@@ -39,17 +51,31 @@ impl Outage {
             },
             Outage::PostgresRestart => "Postgres fast shutdown, then started".to_owned(),
             Outage::PspUnreachable => "PSP refuses connections".to_owned(),
+            Outage::PartitionLeaderKilled => "partition leader SIGKILLed".to_owned(),
+            Outage::FollowersStallThenLeaderKilled { stall_ms } => format!(
+                "followers stall {:.0} s, then the leader is SIGKILLed",
+                stall_ms as f64 / 1000.0
+            ),
         }
     }
+}
+
+/// When the lab causes an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageWhen {
+    /// Once this many orders are settled, so that some are done and the
+    /// rest meet the outage (in the queue, in an outbox, in a hand).
+    AfterSettled(u64),
+    /// After the producer has published every order and before any
+    /// consumer starts: every message waits in the queue (Leg 2).
+    QueueFilled,
 }
 
 /// When an outage begins and how long the service stays away.
 #[derive(Debug, Clone, Copy)]
 pub struct PlannedOutage {
     pub outage: Outage,
-    /// Begin once this many orders are settled, so that some are done and
-    /// the rest meet the outage (in the queue, in an outbox, in a hand).
-    pub after_settled: u64,
+    pub when: OutageWhen,
     /// How long the service stays away before the lab starts it again.
     pub hold: Duration,
 }
@@ -111,71 +137,77 @@ fn millis(duration: Duration) -> u64 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutageError {
-    #[error("cannot run {script} {service} {action}: {source}")]
+    #[error("cannot run {command}: {source}")]
     Spawn {
-        script: String,
-        service: &'static str,
-        action: &'static str,
+        command: String,
         source: std::io::Error,
     },
-    #[error("{script} {service} {action} exited with {status}: {stderr}")]
+    #[error("{command} exited with {status}: {stderr}")]
     Failed {
-        script: String,
-        service: &'static str,
-        action: &'static str,
+        command: String,
         status: std::process::ExitStatus,
         stderr: String,
     },
 }
 
-/// `scripts/outage SERVICE down|up`, or the script named by
-/// `EO_OUTAGE_SCRIPT`.
-fn script() -> PathBuf {
-    std::env::var_os("EO_OUTAGE_SCRIPT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/outage"))
-        })
+/// `scripts/NAME`, or the script named by the environment variable `env`.
+fn script(name: &str, env: &str) -> PathBuf {
+    std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts")).join(name)
+    })
 }
 
-/// Takes `service` down (`"down"`) or brings it back (`"up"`), and waits
-/// until the script is done.
-pub async fn service(service: &'static str, action: &'static str) -> Result<(), OutageError> {
-    let script = script();
-    let shown = script.display().to_string();
+/// Runs `script` with `args` and waits until it is done.
+async fn run_script(script: PathBuf, args: Vec<String>) -> Result<(), OutageError> {
+    let shown = format!("{} {}", script.display(), args.join(" "));
     let output = tokio::process::Command::new(&script)
-        .args([service, action])
+        .args(&args)
         .stdin(std::process::Stdio::null())
         .output()
         .await
         .map_err(|source| OutageError::Spawn {
-            script: shown.clone(),
-            service,
-            action,
+            command: shown.clone(),
             source,
         })?;
     if output.status.success() {
         Ok(())
     } else {
         Err(OutageError::Failed {
-            script: shown,
-            service,
-            action,
+            command: shown,
             status: output.status,
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         })
     }
 }
 
-/// Causes `planned` on the run's `backend` and ends it. The PSP, which
+/// Takes `service` down (`"down"`) or brings it back (`"up"`) with
+/// `scripts/outage` (or `EO_OUTAGE_SCRIPT`), and waits until it is done.
+pub async fn service(service: &str, action: &str) -> Result<(), OutageError> {
+    run_script(
+        script("outage", "EO_OUTAGE_SCRIPT"),
+        vec![service.to_owned(), action.to_owned()],
+    )
+    .await
+}
+
+/// `scripts/kafka-cluster ACTION [BROKER]` (or `EO_KAFKA_CLUSTER_SCRIPT`):
+/// `up`, or `kill`, `stall` and `resume` of one broker by its id.
+pub async fn kafka_cluster(action: &str, broker: Option<i32>) -> Result<(), OutageError> {
+    let mut args = vec![action.to_owned()];
+    args.extend(broker.map(|id| id.to_string()));
+    run_script(script("kafka-cluster", "EO_KAFKA_CLUSTER_SCRIPT"), args).await
+}
+
+/// Causes `planned` on the broker of `queue` and ends it. The PSP, which
 /// runs inside the lab, is handed in for a PSP outage and handed back
 /// serving again on the same address.
 pub(crate) async fn cause(
     planned: PlannedOutage,
-    backend: BackendKind,
+    queue: QueueSpec,
     psp: Option<psp::server::RunningPsp>,
 ) -> anyhow::Result<(OutageTimes, Option<psp::server::RunningPsp>)> {
     use anyhow::Context;
+    let backend = queue.backend;
     let name = planned.outage.name(backend);
     eprintln!("outage: {name}, for {:?}", planned.hold);
     let began = Instant::now();
@@ -206,6 +238,36 @@ pub(crate) async fn cause(
                 .with_context(|| format!("starting the PSP again on {addr}"))?;
             (restarting, Some(running))
         }
+        Outage::PartitionLeaderKilled | Outage::FollowersStallThenLeaderKilled { .. } => {
+            let replicas = partition_replicas(&queue).await?;
+            if let Outage::FollowersStallThenLeaderKilled { stall_ms } = planned.outage {
+                let followers: Vec<i32> = replicas
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|&id| id != replicas.leader)
+                    .collect();
+                for &id in &followers {
+                    kafka_cluster("stall", Some(id)).await?;
+                }
+                eprintln!(
+                    "outage: brokers {followers:?} stalled; broker {} leads alone",
+                    replicas.leader
+                );
+                tokio::time::sleep(Duration::from_millis(stall_ms)).await;
+                kafka_cluster("kill", Some(replicas.leader)).await?;
+                for &id in &followers {
+                    kafka_cluster("resume", Some(id)).await?;
+                }
+            } else {
+                kafka_cluster("kill", Some(replicas.leader)).await?;
+            }
+            eprintln!("outage: broker {} (the leader) SIGKILLed", replicas.leader);
+            tokio::time::sleep(planned.hold).await;
+            let restarting = Instant::now();
+            kafka_cluster("up", None).await?;
+            (restarting, psp)
+        }
     };
     let back = Instant::now();
     eprintln!(
@@ -220,4 +282,26 @@ pub(crate) async fn cause(
         },
         psp,
     ))
+}
+
+/// Who leads the first partition of the run's topic, and who follows.
+async fn partition_replicas(queue: &QueueSpec) -> anyhow::Result<queue::kafka::PartitionReplicas> {
+    use anyhow::Context;
+    let broker = Broker::connect_for(queue).await?;
+    let Broker::Kafka(kafka) = broker else {
+        anyhow::bail!(
+            "a partition leader is a Kafka outage; this run is on {}",
+            queue.backend.name()
+        );
+    };
+    let replicas = kafka
+        .partition_replicas(&queue.name, 0)
+        .await
+        .with_context(|| format!("asking the cluster who leads {}", queue.name))?;
+    anyhow::ensure!(
+        replicas.replicas.len() > 1,
+        "{} has one replica: Leg 2 needs the three-broker cluster (scripts/kafka-cluster)",
+        queue.name
+    );
+    Ok(replicas)
 }

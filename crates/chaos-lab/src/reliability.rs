@@ -15,7 +15,7 @@ use psp::FaultConfig;
 use queue::backend::BackendKind;
 use relay::RelayConfig;
 
-use crate::outage::{Outage, PlannedOutage};
+use crate::outage::{Outage, OutageWhen, PlannedOutage};
 use crate::plan::{ChaosPlan, FaultMix, ProducerFault};
 use crate::report::{Claim, RunReport};
 use crate::roles::ProducerKind;
@@ -50,6 +50,9 @@ impl Fault {
             Fault::Outage(Outage::BrokerRestart) => "broker-restart",
             Fault::Outage(Outage::PostgresRestart) => "postgres-restart",
             Fault::Outage(Outage::PspUnreachable) => "psp-unreachable",
+            // Leg 2's outages (broker_loss), not in the matrix.
+            Fault::Outage(Outage::PartitionLeaderKilled) => "leader-killed",
+            Fault::Outage(Outage::FollowersStallThenLeaderKilled { .. }) => "followers-stall",
             Fault::PspSlowerThanTimeout => "psp-slow",
             Fault::CompetingConsumersShortLease => "short-lease",
             Fault::ProducerKilledMidTransaction => "producer-mid-transaction",
@@ -62,7 +65,12 @@ impl Fault {
 
     pub fn name(self, backend: BackendKind, settings: &MatrixSettings) -> String {
         match self {
-            Fault::Outage(outage @ (Outage::BrokerRestart | Outage::PostgresRestart)) => {
+            Fault::Outage(
+                outage @ (Outage::BrokerRestart
+                | Outage::PostgresRestart
+                | Outage::PartitionLeaderKilled
+                | Outage::FollowersStallThenLeaderKilled { .. }),
+            ) => {
                 format!(
                     "{}, down {} s",
                     outage.name(backend),
@@ -150,7 +158,7 @@ pub fn spec(fault: Fault, backend: BackendKind, seed: u64, settings: &MatrixSett
                 Some((settings.hold + Duration::from_secs(5)) / settings.messages.max(1) as u32);
             spec.outage = Some(PlannedOutage {
                 outage,
-                after_settled: (settings.messages / 4).max(1) as u64,
+                when: OutageWhen::AfterSettled((settings.messages / 4).max(1) as u64),
                 hold: settings.hold,
             });
         }

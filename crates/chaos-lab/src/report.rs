@@ -79,6 +79,9 @@ pub struct RunReport {
     /// Times a consumer lost the broker or its database and connected again.
     #[serde(default)]
     pub reconnects: u64,
+    /// A soak's samples, kills and retention.
+    #[serde(default)]
+    pub soak: Option<crate::soak::SoakReport>,
     /// False when the run hit its deadline before it drained.
     pub drained: bool,
     pub elapsed_ms: u64,
@@ -683,6 +686,7 @@ mod tests {
             outage: None,
             unplanned_exits: 0,
             reconnects: 0,
+            soak: None,
             drained: true,
             elapsed_ms: 1234,
         }

@@ -327,7 +327,7 @@ async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
     })
     .await?;
     let broker = ride_out("connecting to the broker", || {
-        Broker::connect(config.queue.backend)
+        Broker::connect_for(&config.queue)
     })
     .await?;
     let publisher = chaos_publisher(

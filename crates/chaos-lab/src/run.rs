@@ -11,12 +11,12 @@ use consumer::observe::{Observation, Outcome};
 use consumer::Variant;
 use databases::FreshDatabase;
 use indicatif::{ProgressBar, ProgressStyle};
-use queue::backend::{BackendKind, Broker, QueueSpec};
+use queue::backend::{BackendKind, Broker, Durability, QueueSpec};
 use tokio::sync::mpsc;
 
 use crate::audit::Audit;
 use crate::cdc_relay::{CdcRelay, ConnectOutage};
-use crate::outage::{OutageTimes, PlannedOutage};
+use crate::outage::{OutageTimes, OutageWhen, PlannedOutage};
 use crate::plan::ChaosPlan;
 use crate::report::{ConsumerScrape, DeadLetterSummary, RunReport};
 use crate::roles::{ProducerKind, Role, RunConfig};
@@ -67,6 +67,15 @@ pub struct RunSpec {
     pub connect_outage: Option<ConnectOutage>,
     /// A service (broker, Postgres, PSP) taken away mid-run.
     pub outage: Option<PlannedOutage>,
+    /// Leg 2: the broker's durability setting for the run's queue.
+    pub durability: Durability,
+    /// Kafka: partitions of the run's topic.
+    pub partitions: u32,
+    /// Kafka: the cluster to run on, if not `EO_KAFKA_BROKERS`'s.
+    pub kafka_brokers: Option<String>,
+    /// A soak: the lab kills consumers on its clock and samples every
+    /// process and the database.
+    pub soak: Option<crate::soak::SoakProbe>,
 }
 
 impl RunSpec {
@@ -94,6 +103,10 @@ impl RunSpec {
             transactional_ack: false,
             connect_outage: None,
             outage: None,
+            durability: Durability::Durable,
+            partitions: queue::kafka::DEFAULT_PARTITIONS,
+            kafka_brokers: None,
+            soak: None,
         }
     }
 }
@@ -147,6 +160,8 @@ struct Tally {
     unplanned_exits: u64,
     /// Times a consumer lost the broker or its database and connected again.
     reconnects: u64,
+    /// The pid of every live process.
+    pids: HashMap<ProcessId, u32>,
 }
 
 impl Tally {
@@ -298,11 +313,15 @@ impl Tally {
                     }
                 }
             },
+            LabEvent::Started { process, pid } => {
+                self.pids.insert(*process, *pid);
+            }
             LabEvent::Exited {
                 process,
                 exit,
                 stopping,
             } => {
+                self.pids.remove(process);
                 self.in_hand.remove(process);
                 self.metrics_addrs.remove(process);
                 self.relay_metrics_addrs.remove(process);
@@ -416,9 +435,12 @@ pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<Run
     let run_id = shop.name.trim_start_matches("eo_shop_").to_owned();
     let mut queue_spec = QueueSpec::new(backend, format!("eo.{run_id}.payments"))
         .with_visibility_timeout(spec.visibility_timeout)
-        .with_max_receive_count(spec.max_receive_count);
+        .with_max_receive_count(spec.max_receive_count)
+        .with_partitions(spec.partitions)
+        .with_durability(spec.durability);
     queue_spec.transactional_ack = spec.transactional_ack;
-    let broker = Broker::connect(backend).await?;
+    queue_spec.kafka_brokers = spec.kafka_brokers.clone();
+    let broker = Broker::connect_for(&queue_spec).await?;
     let work_dir = std::env::temp_dir().join(format!("effectively-once-{run_id}"));
 
     let result = run_in(
@@ -451,7 +473,7 @@ pub async fn execute(spec: &RunSpec, backend: BackendKind) -> anyhow::Result<Run
     let _ = std::fs::remove_file(work_dir.join(CONFIG_FILE));
     if broker.delete(&queue_spec).await.is_err() {
         // The lab's own connection may not have survived a broker restart.
-        if let Ok(fresh) = Broker::connect(backend).await {
+        if let Ok(fresh) = Broker::connect_for(&queue_spec).await {
             let _ = fresh.delete(&queue_spec).await;
         }
     }
@@ -581,11 +603,26 @@ async fn run_in(
         },
         ..Tally::default()
     };
+    let mut prober = spec
+        .soak
+        .map(|probe| crate::soak::Prober::new(probe, started));
+    let run_databases = [shop.name.clone(), psp_db.name.clone()];
+    let mut inspector = broker.inspector(queue_spec)?;
+    let mut waiting_at_outage: Option<u64> = None;
+    let mut outage_task: Option<tokio::task::JoinHandle<OutageOutcome>> = None;
     if spec.prefill {
         supervisor.start(Role::Producer, 0);
         record_until(&mut tally, &mut events, spec.deadline, |t| t.producer_done)
             .await
             .context("the producer did not finish filling the queue in time")?;
+        if let Some(planned) = spec.outage.filter(|o| o.when == OutageWhen::QueueFilled) {
+            // Every order waits in the queue: what the broker keeps of them
+            // across the outage is all the consumers will ever see.
+            waiting_at_outage = inspector.ready_count().await.ok();
+            // Boxed: inlined, its state would deepen every chapter's future.
+            let outcome = Box::pin(crate::outage::cause(planned, queue_spec.clone(), None)).await;
+            outage_task = Some(tokio::spawn(async move { outcome }));
+        }
     }
     for slot in 0..spec.consumers {
         supervisor.start(Role::Consumer, slot);
@@ -618,14 +655,11 @@ async fn run_in(
         spec.variant.name(),
         (spec.plan.orders.len() + poison_orders) as u64,
     );
-    let mut inspector = broker.inspector(queue_spec)?;
     // After a broker restart the lab looks through a connection of its own
     // made afterwards: the one it started with went down with the broker.
     let mut reconnected: Option<Broker> = None;
-    let mut waiting_at_outage: Option<u64> = None;
     let deadline = Instant::now() + spec.deadline;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut outage_task: Option<tokio::task::JoinHandle<OutageOutcome>> = None;
     let outage_pending = |task: &Option<tokio::task::JoinHandle<OutageOutcome>>| {
         spec.outage.is_some() && task.as_ref().is_none_or(|task| !task.is_finished())
     };
@@ -642,14 +676,26 @@ async fn run_in(
                     break Ok(false);
                 }
                 if let Some(planned) = spec.outage {
-                    if outage_task.is_none() && tally.settled_orders.len() as u64 >= planned.after_settled {
+                    let due = match planned.when {
+                        OutageWhen::AfterSettled(settled) => tally.settled_orders.len() as u64 >= settled,
+                        OutageWhen::QueueFilled => false,
+                    };
+                    if outage_task.is_none() && due {
                         let psp = match planned.outage {
                             crate::outage::Outage::PspUnreachable => psp.take(),
                             _ => None,
                         };
                         // What a broker that keeps messages in memory would lose.
                         waiting_at_outage = inspector.ready_count().await.ok();
-                        outage_task = Some(tokio::spawn(crate::outage::cause(planned, backend, psp)));
+                        outage_task = Some(tokio::spawn(crate::outage::cause(planned, queue_spec.clone(), psp)));
+                    }
+                }
+                if let Some(prober) = prober.as_mut() {
+                    if let Err(error) = prober
+                        .tick(&tally.pids, &mut tally.crashing, &shop.pool, &run_databases)
+                        .await
+                    {
+                        break Err(format!("the soak's probe failed: {error:#}"));
                     }
                 }
                 if let Some(relay) = cdc_relay.as_mut() {
@@ -663,7 +709,7 @@ async fn run_in(
                 let broker_came_back = spec.outage.is_some_and(|o| o.outage == crate::outage::Outage::BrokerRestart)
                     && !outage_pending(&outage_task);
                 if broker_came_back && reconnected.is_none() {
-                    if let Ok(fresh) = Broker::connect(backend).await {
+                    if let Ok(fresh) = Broker::connect_for(queue_spec).await {
                         if let Ok(fresh_inspector) = fresh.inspector(queue_spec) {
                             inspector = fresh_inspector;
                             reconnected = Some(fresh);
@@ -678,6 +724,10 @@ async fn run_in(
             }
         }
     };
+    if let Some(prober) = prober.as_mut() {
+        // The end of the run, every process still up.
+        let _ = prober.sample(&tally.pids, &shop.pool, &run_databases).await;
+    }
     let consumer_metrics = scrape_all(&tally.metrics_addrs).await;
     let dead_letters = dead_letters(&inspector).await;
     let relay_metrics = scrape_all(&tally.relay_metrics_addrs).await;
@@ -793,6 +843,7 @@ async fn run_in(
         outage,
         unplanned_exits: tally.unplanned_exits,
         reconnects: tally.reconnects,
+        soak: prober.map(crate::soak::Prober::finish),
         drained,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })

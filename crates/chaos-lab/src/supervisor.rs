@@ -46,6 +46,11 @@ pub enum Report {
 
 #[derive(Debug, Clone)]
 pub enum LabEvent {
+    /// A process is running, with this pid (the soak samples and kills it).
+    Started {
+        process: ProcessId,
+        pid: u32,
+    },
     Observed {
         process: ProcessId,
         observation: Report,
@@ -184,6 +189,12 @@ impl Keeper {
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()?;
+        if let Some(pid) = child.id() {
+            let _ = self.events.send(LabEvent::Started {
+                process: self.process,
+                pid,
+            });
+        }
         let stdout = child.stdout.take().expect("stdout is piped");
         let events = self.events.clone();
         let process = self.process;

@@ -198,7 +198,7 @@ async fn connect_broker<F: Future<Output = ()> + Unpin>(
 ) -> Option<(Broker, Box<dyn Receiver>)> {
     loop {
         let attempt = async {
-            let broker = Broker::connect(settings.queue.backend).await?;
+            let broker = Broker::connect_for(&settings.queue).await?;
             broker.declare(&settings.queue).await?;
             let receiver = broker.receiver(&settings.queue, settings.prefetch).await?;
             Ok::<_, queue::QueueError>((broker, receiver))

@@ -52,6 +52,40 @@ pub struct QueueSpec {
     pub partitions: u32,
     /// Kafka: an ack commits the offset inside a Kafka transaction.
     pub transactional_ack: bool,
+    /// Leg 2: what the broker promises about a message it confirmed.
+    #[serde(default)]
+    pub durability: Durability,
+    /// Kafka: the cluster the topic lives on, if not `EO_KAFKA_BROKERS`'s
+    /// (Leg 2 runs on a three-broker cluster beside the book's one broker).
+    #[serde(default)]
+    pub kafka_brokers: Option<String>,
+}
+
+/// Leg 2, loss inside the broker: the settings that decide whether a
+/// message the broker confirmed survives the broker's own failure. Only
+/// [`Durability::Durable`] (and a quorum queue) closes the leg; the others
+/// exist to measure what it costs to get it wrong.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// The book's setting. RabbitMQ: a durable classic queue and persistent
+    /// messages, confirmed once on disk. Kafka: `acks=all` with an
+    /// idempotent producer; on a cluster of three or more brokers, three
+    /// replicas and `min.insync.replicas=2`.
+    #[default]
+    Durable,
+    /// RabbitMQ: a quorum queue (replicated Raft log, always durable),
+    /// persistent messages.
+    Quorum,
+    /// RabbitMQ: a durable queue, but transient messages (delivery mode 1):
+    /// the queue survives a restart, its messages do not.
+    TransientMessages,
+    /// RabbitMQ: a non-durable queue: it and every message in it are gone
+    /// after a restart, persistent or not.
+    NonDurableQueue,
+    /// Kafka: `acks=1`: the leader confirms once the record is in its own
+    /// log, before any follower has it.
+    LeaderAckOnly,
 }
 
 impl QueueSpec {
@@ -66,7 +100,14 @@ impl QueueSpec {
             max_receive_count: 10,
             partitions: kafka::DEFAULT_PARTITIONS,
             transactional_ack: false,
+            durability: Durability::Durable,
+            kafka_brokers: None,
         }
+    }
+
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
     }
 
     pub fn with_partitions(mut self, partitions: u32) -> Self {
@@ -89,13 +130,29 @@ impl QueueSpec {
     }
 
     fn rabbitmq(&self) -> Topology {
-        Topology::durable(&self.name)
+        let durable = Topology::durable(&self.name);
+        match self.durability {
+            Durability::Quorum => Topology::quorum(&self.name),
+            Durability::TransientMessages => Topology {
+                persistent: false,
+                ..durable
+            },
+            Durability::NonDurableQueue => Topology {
+                durable: false,
+                ..durable
+            },
+            Durability::Durable | Durability::LeaderAckOnly => durable,
+        }
     }
 
     fn kafka(&self) -> KafkaTopology {
         KafkaTopology {
             partitions: self.partitions,
             transactional_ack: self.transactional_ack,
+            acks: match self.durability {
+                Durability::LeaderAckOnly => kafka::Acks::Leader,
+                _ => kafka::Acks::All,
+            },
             ..KafkaTopology::new(&self.name)
         }
     }
@@ -162,6 +219,25 @@ pub enum Broker {
 }
 
 impl Broker {
+    /// Connects to the broker `spec` lives on: the environment's, unless the
+    /// spec names a Kafka cluster of its own.
+    pub async fn connect_for(spec: &QueueSpec) -> Result<Self, QueueError> {
+        // Flat, not through `connect`: every chapter's future nests this one.
+        Ok(match spec.backend {
+            BackendKind::Rabbitmq => {
+                Broker::Rabbitmq(RabbitBroker::connect(&rabbitmq::url_from_env()).await?)
+            }
+            BackendKind::Sqs => Broker::Sqs(SqsBroker::connect().await?),
+            BackendKind::Kafka => {
+                let brokers = spec
+                    .kafka_brokers
+                    .clone()
+                    .unwrap_or_else(kafka::brokers_from_env);
+                Broker::Kafka(KafkaBroker::connect(&brokers).await?)
+            }
+        })
+    }
+
     /// Connects with the environment's settings (`EO_AMQP_URL`, `EO_SQS_*`,
     /// `EO_KAFKA_BROKERS`).
     pub async fn connect(backend: BackendKind) -> Result<Self, QueueError> {
@@ -321,5 +397,44 @@ impl From<sqs::DeadLetter> for DeadLetter {
             payload: letter.payload,
             receive_count: letter.receive_count,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_durability_sets_what_its_broker_declares_and_publishes() {
+        let spec =
+            |durability| QueueSpec::new(BackendKind::Rabbitmq, "q").with_durability(durability);
+        let durable = spec(Durability::Durable).rabbitmq();
+        assert!(durable.durable && durable.persistent);
+        assert_eq!(durable.queue_type, rabbitmq::QueueType::Classic);
+        let transient = spec(Durability::TransientMessages).rabbitmq();
+        assert!(transient.durable && !transient.persistent);
+        let non_durable = spec(Durability::NonDurableQueue).rabbitmq();
+        assert!(!non_durable.durable && non_durable.persistent);
+        assert_eq!(
+            spec(Durability::Quorum).rabbitmq().queue_type,
+            rabbitmq::QueueType::Quorum
+        );
+        let kafka = |durability| {
+            QueueSpec::new(BackendKind::Kafka, "t")
+                .with_durability(durability)
+                .kafka()
+                .acks
+        };
+        assert_eq!(kafka(Durability::Durable), kafka::Acks::All);
+        assert_eq!(kafka(Durability::LeaderAckOnly), kafka::Acks::Leader);
+    }
+
+    #[test]
+    fn a_spec_from_before_leg_2_reads_as_the_books_durable_setting() {
+        let json = r#"{"backend":"kafka","name":"t","visibility_timeout_ms":30000,
+            "max_receive_count":10,"partitions":3,"transactional_ack":false}"#;
+        let spec: QueueSpec = serde_json::from_str(json).unwrap();
+        assert_eq!(spec.durability, Durability::Durable);
+        assert_eq!(spec.kafka_brokers, None);
     }
 }

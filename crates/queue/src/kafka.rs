@@ -106,9 +106,14 @@ pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(30);
 const FETCH_WAIT: Duration = Duration::from_millis(100);
 /// How long a publish may take before it fails, librdkafka's retries included.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
-/// One broker on loopback: one replica. Leg 2 on a real cluster wants three,
-/// with `min.insync.replicas=2` next to `acks=all`.
-const REPLICATION_FACTOR: i32 = 1;
+/// Replicas of a topic on a cluster of at least this many brokers (Leg 2:
+/// three copies, of which `min.insync.replicas` must have a write before
+/// `acks=all` confirms it). A smaller cluster, like the book's one broker on
+/// loopback, gets one replica per broker.
+const REPLICATION_FACTOR: usize = 3;
+/// In-sync replicas an `acks=all` write needs on a fully replicated topic:
+/// one broker may be lost without refusing writes or losing confirmed ones.
+const MIN_IN_SYNC_REPLICAS: usize = 2;
 /// A dead-letter topic is read rarely and in full; one partition keeps it in
 /// arrival order.
 const DEAD_LETTER_PARTITIONS: i32 = 1;
@@ -127,6 +132,19 @@ pub struct KafkaTopology {
     pub partitions: u32,
     /// Ack commits the offset inside a Kafka transaction (chapter 6).
     pub transactional_ack: bool,
+    /// Leg 2: who must have a record before its publish is confirmed.
+    pub acks: Acks,
+}
+
+/// The producer's `acks`: when the broker confirms a publish.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Acks {
+    /// `acks=all`: every in-sync replica has it (the book's setting).
+    #[default]
+    All,
+    /// `acks=1`: the partition's leader has it in its own log. A leader
+    /// that dies before a follower copied the record takes it along.
+    Leader,
 }
 
 impl KafkaTopology {
@@ -135,6 +153,7 @@ impl KafkaTopology {
             topic: topic.into(),
             partitions: DEFAULT_PARTITIONS,
             transactional_ack: false,
+            acks: Acks::All,
         }
     }
 
@@ -227,14 +246,19 @@ impl KafkaBroker {
             (topology.topic.as_str(), partitions),
             (dead_letter_topic.as_str(), DEAD_LETTER_PARTITIONS),
         ];
+        let brokers = self.metadata(None, REQUEST_TIMEOUT).await?.brokers().len();
+        let replicas = REPLICATION_FACTOR.min(brokers).max(1);
+        let min_in_sync = if replicas >= REPLICATION_FACTOR {
+            MIN_IN_SYNC_REPLICAS
+        } else {
+            1
+        }
+        .to_string();
         let new_topics: Vec<NewTopic<'_>> = wanted
             .iter()
             .map(|&(name, partitions)| {
-                NewTopic::new(
-                    name,
-                    partitions,
-                    TopicReplication::Fixed(REPLICATION_FACTOR),
-                )
+                NewTopic::new(name, partitions, TopicReplication::Fixed(replicas as i32))
+                    .set("min.insync.replicas", &min_in_sync)
             })
             .collect();
         let results = self
@@ -315,10 +339,44 @@ impl KafkaBroker {
     }
 
     pub async fn publisher(&self, topology: &KafkaTopology) -> Result<KafkaPublisher, QueueError> {
+        let producer = match topology.acks {
+            Acks::All => self.producer.clone(),
+            Acks::Leader => {
+                leader_ack_producer_config(&self.brokers)
+                    .create()
+                    .map_err(|error| QueueError::Connect {
+                        url: self.brokers.clone(),
+                        reason: error.to_string(),
+                    })?
+            }
+        };
         Ok(KafkaPublisher {
-            producer: self.producer.clone(),
+            producer,
             topic: topology.topic.clone(),
         })
+    }
+
+    /// The leader and the replicas of one partition of `topic`, by broker
+    /// id, from the cluster's metadata (Leg 2 kills that leader).
+    pub async fn partition_replicas(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<PartitionReplicas, QueueError> {
+        let metadata = self.metadata(Some(topic), REQUEST_TIMEOUT).await?;
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+            .map(|p| PartitionReplicas {
+                leader: p.leader(),
+                replicas: p.replicas().to_vec(),
+                in_sync: p.isr().to_vec(),
+            })
+            .ok_or_else(|| {
+                QueueError::broker("metadata", format!("{topic} has no partition {partition}"))
+            })
     }
 
     /// A member of the topology's consumer group, subscribed to its topic.
@@ -426,6 +484,25 @@ fn idempotent_producer_config(brokers: &str) -> ClientConfig {
         .set("acks", "all")
         .set("message.timeout.ms", millis(DELIVERY_TIMEOUT));
     config
+}
+
+/// Leg 2's wrong setting, for measuring it: `acks=1`, which idempotence
+/// forbids (librdkafka would turn `acks` back to `all`).
+fn leader_ack_producer_config(brokers: &str) -> ClientConfig {
+    let mut config = client_config(brokers);
+    config
+        .set("enable.idempotence", "false")
+        .set("acks", "1")
+        .set("message.timeout.ms", millis(DELIVERY_TIMEOUT));
+    config
+}
+
+/// Where one partition lives, by broker id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionReplicas {
+    pub leader: i32,
+    pub replicas: Vec<i32>,
+    pub in_sync: Vec<i32>,
 }
 
 fn admin_options() -> AdminOptions {

@@ -276,3 +276,42 @@ async fn settling_with_a_foreign_receipt_is_refused() {
     );
     topic.delete(&broker).await;
 }
+
+/// Leg 2's wrong setting still delivers on a healthy broker: `acks=1`
+/// differs only in what survives the leader's death. On the book's one
+/// broker the topic has one replica, led by that broker, and every
+/// setting's topic says so in the cluster's metadata.
+#[tokio::test]
+async fn a_leader_ack_publisher_delivers_and_the_metadata_names_the_partitions_leader() {
+    let broker = connect().await;
+    let topic = TestTopic::declared(
+        &broker,
+        KafkaTopology {
+            acks: queue::kafka::Acks::Leader,
+            partitions: 1,
+            ..TestTopic::unique()
+        },
+    )
+    .await;
+    topic.publish(&broker, &[message("order-1", "m-1")]).await;
+    let mut receiver = topic.receiver(&broker).await;
+    let delivery = receive_one(&mut receiver).await;
+    assert_eq!(delivery.message_id.as_deref(), Some("m-1"));
+    let replicas = broker
+        .partition_replicas(&topic.topology.topic, 0)
+        .await
+        .expect("metadata");
+    assert!(
+        replicas.leader >= 0,
+        "a partition with a leader: {replicas:?}"
+    );
+    assert_eq!(
+        replicas.replicas,
+        [replicas.leader],
+        "one broker, one replica"
+    );
+    let missing = broker.partition_replicas(&topic.topology.topic, 7).await;
+    assert!(missing.is_err(), "partition 7 does not exist: {missing:?}");
+    drop(receiver);
+    topic.delete(&broker).await;
+}

@@ -100,7 +100,7 @@ pub async fn run(
     loop {
         let broker = loop {
             let attempt = async {
-                let broker = Broker::connect(settings.queue.backend).await?;
+                let broker = Broker::connect_for(&settings.queue).await?;
                 broker.declare(&settings.queue).await?;
                 let publisher = broker.publisher(&settings.queue).await?;
                 Ok::<_, queue::QueueError>((broker, publisher))

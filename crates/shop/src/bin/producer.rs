@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Via::Outbox => None,
         Via::Direct => {
             let spec = args.queue.spec();
-            let broker = Broker::connect(spec.backend).await?;
+            let broker = Broker::connect_for(&spec).await?;
             broker.declare(&spec).await?;
             Some(broker.publisher(&spec).await?)
         }
