@@ -255,10 +255,13 @@ pub(crate) async fn cause(
                     replicas.leader
                 );
                 tokio::time::sleep(Duration::from_millis(stall_ms)).await;
-                kafka_cluster("kill", Some(replicas.leader)).await?;
+                let killed = kafka_cluster("kill", Some(replicas.leader)).await;
+                // Resumed whatever the kill did: a cluster left stalled
+                // would hang every later run.
                 for &id in &followers {
                     kafka_cluster("resume", Some(id)).await?;
                 }
+                killed?;
             } else {
                 kafka_cluster("kill", Some(replicas.leader)).await?;
             }

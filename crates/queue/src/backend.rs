@@ -221,33 +221,35 @@ pub enum Broker {
 impl Broker {
     /// Connects to the broker `spec` lives on: the environment's, unless the
     /// spec names a Kafka cluster of its own.
-    pub async fn connect_for(spec: &QueueSpec) -> Result<Self, QueueError> {
-        // Flat, not through `connect`: every chapter's future nests this one.
-        Ok(match spec.backend {
-            BackendKind::Rabbitmq => {
-                Broker::Rabbitmq(RabbitBroker::connect(&rabbitmq::url_from_env()).await?)
-            }
-            BackendKind::Sqs => Broker::Sqs(SqsBroker::connect().await?),
-            BackendKind::Kafka => {
-                let brokers = spec
-                    .kafka_brokers
-                    .clone()
-                    .unwrap_or_else(kafka::brokers_from_env);
-                Broker::Kafka(KafkaBroker::connect(&brokers).await?)
-            }
-        })
+    pub fn connect_for(
+        spec: &QueueSpec,
+    ) -> impl std::future::Future<Output = Result<Self, QueueError>> + Send + 'static {
+        Self::connect_to(spec.backend, spec.kafka_brokers.clone())
     }
 
     /// Connects with the environment's settings (`EO_AMQP_URL`, `EO_SQS_*`,
     /// `EO_KAFKA_BROKERS`).
-    pub async fn connect(backend: BackendKind) -> Result<Self, QueueError> {
+    pub fn connect(
+        backend: BackendKind,
+    ) -> impl std::future::Future<Output = Result<Self, QueueError>> + Send + 'static {
+        Self::connect_to(backend, None)
+    }
+
+    // Both constructors hand out this future itself rather than awaiting it
+    // in one of their own: every chapter's future nests it, and each level
+    // of async nesting counts against the compiler's layout depth.
+    async fn connect_to(
+        backend: BackendKind,
+        kafka_brokers: Option<String>,
+    ) -> Result<Self, QueueError> {
         Ok(match backend {
             BackendKind::Rabbitmq => {
                 Broker::Rabbitmq(RabbitBroker::connect(&rabbitmq::url_from_env()).await?)
             }
             BackendKind::Sqs => Broker::Sqs(SqsBroker::connect().await?),
             BackendKind::Kafka => {
-                Broker::Kafka(KafkaBroker::connect(&kafka::brokers_from_env()).await?)
+                let brokers = kafka_brokers.unwrap_or_else(kafka::brokers_from_env);
+                Broker::Kafka(KafkaBroker::connect(&brokers).await?)
             }
         })
     }
