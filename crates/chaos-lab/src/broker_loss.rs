@@ -180,14 +180,8 @@ pub const HEADER: [&str; 8] = [
 
 impl Row<'_> {
     pub fn cells(&self) -> Vec<String> {
-        let sum =
-            |count: fn(&RunReport) -> u64| -> u64 { self.runs.iter().map(|r| count(r)).sum() };
-        let waiting = self
-            .runs
-            .iter()
-            .filter_map(|run| run.outage.as_ref()?.waiting_when_down)
-            .max()
-            .map_or_else(|| "—".to_owned(), |most| most.to_string());
+        let sum = |count: fn(&RunReport) -> u64| crate::report::sum_over(&self.runs, count);
+        let waiting = crate::report::most_waiting_when_down(&self.runs);
         vec![
             self.case.backend.name().to_owned(),
             self.case.setting().to_owned(),

@@ -212,8 +212,7 @@ pub const MATRIX_HEADER: [&str; 10] = [
 
 impl MatrixRow<'_> {
     pub fn cells(&self) -> Vec<String> {
-        let sum =
-            |count: fn(&RunReport) -> u64| -> u64 { self.runs.iter().map(|r| count(r)).sum() };
+        let sum = |count: fn(&RunReport) -> u64| crate::report::sum_over(&self.runs, count);
         let recovery = self
             .runs
             .iter()
@@ -228,12 +227,7 @@ impl MatrixRow<'_> {
             let worst = recovery.into_iter().flatten().max().unwrap_or(0);
             format!("{:.1}", worst as f64 / 1000.0)
         };
-        let waiting = self
-            .runs
-            .iter()
-            .filter_map(|run| run.outage.as_ref()?.waiting_when_down)
-            .max()
-            .map_or_else(|| "—".to_owned(), |most| most.to_string());
+        let waiting = crate::report::most_waiting_when_down(&self.runs);
         let name = self
             .runs
             .first()

@@ -87,6 +87,20 @@ pub struct RunReport {
     pub elapsed_ms: u64,
 }
 
+/// One count summed over a table row's runs (the seeds of one case).
+pub fn sum_over(runs: &[&RunReport], count: fn(&RunReport) -> u64) -> u64 {
+    runs.iter().map(|run| count(run)).sum()
+}
+
+/// The most messages waiting in the queue when an outage began, over a
+/// table row's runs, or `—` where no run had an outage.
+pub fn most_waiting_when_down(runs: &[&RunReport]) -> String {
+    runs.iter()
+        .filter_map(|run| run.outage.as_ref()?.waiting_when_down)
+        .max()
+        .map_or_else(|| "—".to_owned(), |most| most.to_string())
+}
+
 impl RunReport {
     /// Double charges on orders that met `fault`.
     pub fn double_charges_from(&self, fault: &str) -> u64 {

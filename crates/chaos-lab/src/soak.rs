@@ -371,9 +371,8 @@ pub fn dedup_cells(run: &RunReport, orders_per_second: f64) -> Vec<String> {
 /// allocator's arenas on a small process.
 const RSS_GROWTH_ALLOWED: f64 = 1.5;
 const RSS_SLACK_KIB: u64 = 16 * 1024;
-/// Descriptors a process may open, or connections the run's pools may
-/// hold, beyond the warm count (a reconnect in progress, a pool that grew
-/// for a burst) before the soak calls it a leak.
+/// Descriptors a process may open beyond its warm count (a reconnect in
+/// progress, a log file rotated) before the soak calls it a leak.
 const FD_SLACK: u64 = 4;
 
 /// What the soak promises, checked on its runs.
@@ -404,14 +403,6 @@ pub fn claims(runs: &[RunReport], orders_per_second: f64) -> Vec<Claim> {
             "no descriptor leak: the surviving consumer's open fds at the end at most 4 above warm",
             soaks.iter().all(|soak| {
                 soak.process_span(Role::Consumer, survivor, |p| p.open_fds)
-                    .is_some_and(|s| s.end <= s.warm + FD_SLACK)
-            }),
-        ),
-        Claim::new(
-            "no connection leak: Postgres connections to the run's databases at the end \
-             at most 4 above warm",
-            soaks.iter().all(|soak| {
-                soak.postgres_span()
                     .is_some_and(|s| s.end <= s.warm + FD_SLACK)
             }),
         ),
@@ -473,7 +464,7 @@ mod tests {
             sample(60, 40_000, 7, 500),
             sample(600, 45_000, 7, 900),
         ]);
-        assert_eq!(holding(run.clone()), [true; 6]);
+        assert_eq!(holding(run.clone()), [true; 5]);
         let cells = cells(&run);
         assert_eq!(cells.len(), HEADER.len());
         // Warm is the sample at 60 s, not the start-up one.
@@ -483,10 +474,10 @@ mod tests {
     #[test]
     fn growth_like_a_leak_or_a_table_past_its_bound_fails_its_claim() {
         let leaking = soaked(vec![sample(60, 40_000, 7, 0), sample(600, 200_000, 7, 0)]);
-        assert_eq!(holding(leaking), [true, true, false, true, true, true]);
+        assert_eq!(holding(leaking), [true, true, false, true, true]);
         // 10 orders/s over 60 s + 30 s is 900 rows, 990 with the margin.
         let unbounded = soaked(vec![sample(60, 40_000, 7, 0), sample(600, 40_000, 7, 5000)]);
-        assert_eq!(holding(unbounded), [true, true, true, true, true, false]);
+        assert_eq!(holding(unbounded), [true, true, true, true, false]);
     }
 
     #[test]

@@ -486,8 +486,8 @@ fn idempotent_producer_config(brokers: &str) -> ClientConfig {
     config
 }
 
-/// Leg 2's wrong setting, for measuring it: `acks=1`, which idempotence
-/// forbids (librdkafka would turn `acks` back to `all`).
+/// Leg 2's wrong setting, for measuring it: `acks=1`, with idempotence
+/// off (librdkafka refuses `acks` other than `all` when it is on).
 fn leader_ack_producer_config(brokers: &str) -> ClientConfig {
     let mut config = client_config(brokers);
     config

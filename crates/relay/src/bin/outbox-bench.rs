@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::{Args, Parser, Subcommand};
-use consumer::retention::{format_duration, parse_duration};
+use databases::cleanup::{format_duration, parse_duration};
 use databases::FreshDatabase;
 use payments::PaymentEvent;
 use queue::rabbitmq::{url_from_env, RabbitBroker, RabbitReceiver, Topology};

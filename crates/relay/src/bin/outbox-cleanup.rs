@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use consumer::retention::{format_duration, parse_duration};
+use databases::cleanup::{format_duration, parse_duration};
 use relay::cleanup::{delete_sent, DEFAULT_BATCH_SIZE};
 
 #[derive(Debug, Parser)]
