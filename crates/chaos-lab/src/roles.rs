@@ -321,9 +321,12 @@ fn chaos_publisher(config: &RunConfig, inner: Box<dyn Publisher>) -> ChaosPublis
     }
 }
 
+/// The lab's producer's Postgres pool: it writes one order at a time.
+pub const PRODUCER_POOL_CONNECTIONS: u32 = 2;
+
 async fn run_producer(config: RunConfig) -> anyhow::Result<()> {
     let pool = ride_out("connecting to the shop's database", || {
-        databases::connect(&config.shop_database_url, 2)
+        databases::connect(&config.shop_database_url, PRODUCER_POOL_CONNECTIONS)
     })
     .await?;
     let broker = ride_out("connecting to the broker", || {

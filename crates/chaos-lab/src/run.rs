@@ -10,7 +10,7 @@ use anyhow::Context;
 use consumer::observe::{Observation, Outcome};
 use consumer::Variant;
 use databases::FreshDatabase;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use queue::backend::{BackendKind, Broker, Durability, QueueSpec};
 use tokio::sync::mpsc;
 
@@ -609,7 +609,7 @@ async fn run_in(
     let run_databases = [shop.name.clone(), psp_db.name.clone()];
     let mut inspector = broker.inspector(queue_spec)?;
     let mut waiting_at_outage: Option<u64> = None;
-    let mut outage_task: Option<tokio::task::JoinHandle<OutageOutcome>> = None;
+    let mut outage_task: Option<OutageTask> = None;
     if spec.prefill {
         supervisor.start(Role::Producer, 0);
         record_until(&mut tally, &mut events, spec.deadline, |t| t.producer_done)
@@ -621,7 +621,7 @@ async fn run_in(
             waiting_at_outage = inspector.ready_count().await.ok();
             // Boxed: inlined, its state would deepen every chapter's future.
             let outcome = Box::pin(crate::outage::cause(planned, queue_spec.clone(), None)).await;
-            outage_task = Some(tokio::spawn(async move { outcome }));
+            outage_task = Some(OutageTask::Over(outcome));
         }
     }
     for slot in 0..spec.consumers {
@@ -652,7 +652,7 @@ async fn run_in(
         .filter(|p| matches!(p, crate::plan::Poison::KillsEveryConsumer { .. }))
         .count();
     let progress = Progress::new(
-        spec.variant.name(),
+        &format!("{} on {}", spec.variant.name(), backend.name()),
         (spec.plan.orders.len() + poison_orders) as u64,
     );
     // After a broker restart the lab looks through a connection of its own
@@ -660,8 +660,8 @@ async fn run_in(
     let mut reconnected: Option<Broker> = None;
     let deadline = Instant::now() + spec.deadline;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let outage_pending = |task: &Option<tokio::task::JoinHandle<OutageOutcome>>| {
-        spec.outage.is_some() && task.as_ref().is_none_or(|task| !task.is_finished())
+    let outage_pending = |task: &Option<OutageTask>| {
+        spec.outage.is_some() && task.as_ref().is_none_or(|task| !task.is_over())
     };
     let outcome: Result<bool, String> = loop {
         tokio::select! {
@@ -687,7 +687,7 @@ async fn run_in(
                         };
                         // What a broker that keeps messages in memory would lose.
                         waiting_at_outage = inspector.ready_count().await.ok();
-                        outage_task = Some(tokio::spawn(crate::outage::cause(planned, queue_spec.clone(), psp)));
+                        outage_task = Some(OutageTask::Running(tokio::spawn(crate::outage::cause(planned, queue_spec.clone(), psp))));
                     }
                 }
                 if let Some(prober) = prober.as_mut() {
@@ -738,10 +738,7 @@ async fn run_in(
     progress.finish(&tally);
     let outage = match outage_task {
         Some(task) => {
-            let (times, handed_back) = task
-                .await
-                .context("the outage task panicked")?
-                .context("causing the outage")?;
+            let (times, handed_back) = task.outcome().await?.context("causing the outage")?;
             if handed_back.is_some() {
                 psp = handed_back;
             }
@@ -849,8 +846,31 @@ async fn run_in(
     })
 }
 
-/// What an outage task hands back: its moments, and the PSP if it took it.
+/// What an outage hands back: its moments, and the PSP if it took it.
 type OutageOutcome = anyhow::Result<(OutageTimes, Option<psp::server::RunningPsp>)>;
+
+/// An outage the run caused: one caused before the consumers started is
+/// over already; one caused mid-run runs beside the run's loop.
+enum OutageTask {
+    Over(OutageOutcome),
+    Running(tokio::task::JoinHandle<OutageOutcome>),
+}
+
+impl OutageTask {
+    fn is_over(&self) -> bool {
+        match self {
+            OutageTask::Over(_) => true,
+            OutageTask::Running(task) => task.is_finished(),
+        }
+    }
+
+    async fn outcome(self) -> anyhow::Result<OutageOutcome> {
+        match self {
+            OutageTask::Over(outcome) => Ok(outcome),
+            OutageTask::Running(task) => task.await.context("the outage task panicked"),
+        }
+    }
+}
 
 /// The `q` quantile (nearest rank) of `values`, 0 when there are none.
 fn percentile(values: &[u64], q: f64) -> u64 {
@@ -980,10 +1000,14 @@ impl Progress {
         let bar = if plain {
             ProgressBar::hidden()
         } else {
-            let bar = ProgressBar::new(orders);
+            // Runs side by side (the soak's brokers) draw one bar each.
+            static BARS: std::sync::OnceLock<MultiProgress> = std::sync::OnceLock::new();
+            let bar = BARS
+                .get_or_init(MultiProgress::new)
+                .add(ProgressBar::new(orders));
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{prefix:>22} [{bar:30}] {pos}/{len} orders settled  {msg}",
+                    "{prefix:>32} [{bar:30}] {pos}/{len} orders settled  {msg}",
                 )
                 .expect("a valid template")
                 .progress_chars("=> "),

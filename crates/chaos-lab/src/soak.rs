@@ -10,7 +10,7 @@
 //! runbook's cron entry would, with a short window so that the table
 //! reaches its steady size within the run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use consumer::retention::{self, RetentionPolicy};
@@ -96,6 +96,11 @@ pub struct SoakSample {
     /// Connections to the run's databases (the shop's, the PSP's), every
     /// client counted: consumers, relay, producer, the PSP, the lab.
     pub postgres_connections: u64,
+    /// The same, by the `application_name` the lab gave each process
+    /// (`consumer-0`, `relay-0`, ...), a killed process's leftovers
+    /// included; the lab's own and the PSP's are under "".
+    #[serde(default)]
+    pub postgres_by_process: BTreeMap<String, u64>,
     pub dedup_rows: u64,
     pub dedup_bytes: u64,
 }
@@ -196,11 +201,17 @@ impl Prober {
             })
             .collect();
         processes.sort_by(|a, b| (&a.role, a.slot).cmp(&(&b.role, b.slot)));
-        let postgres_connections: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = ANY($1)")
-                .bind(databases)
-                .fetch_one(shop)
-                .await?;
+        let by_process: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT coalesce(application_name, ''), count(*) FROM pg_stat_activity \
+             WHERE datname = ANY($1) GROUP BY 1",
+        )
+        .bind(databases)
+        .fetch_all(shop)
+        .await?;
+        let postgres_by_process: BTreeMap<String, u64> = by_process
+            .into_iter()
+            .map(|(name, count)| (name, count as u64))
+            .collect();
         let (dedup_rows, dedup_bytes): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM processed_messages), \
                     pg_total_relation_size('processed_messages')",
@@ -210,7 +221,8 @@ impl Prober {
         self.report.samples.push(SoakSample {
             at_s: self.started.elapsed().as_secs(),
             processes,
-            postgres_connections: postgres_connections as u64,
+            postgres_connections: postgres_by_process.values().sum(),
+            postgres_by_process,
             dedup_rows: dedup_rows as u64,
             dedup_bytes: dedup_bytes as u64,
         });
@@ -289,6 +301,37 @@ impl SoakReport {
         })
     }
 
+    /// The connections carrying one process's name, warm and at the end.
+    pub fn process_postgres_span(&self, process: ProcessId) -> Option<Span> {
+        let name = process.application_name();
+        let count =
+            |sample: &SoakSample| sample.postgres_by_process.get(&name).copied().unwrap_or(0);
+        Some(Span {
+            warm: count(self.warm()?),
+            end: count(self.samples.last()?),
+        })
+    }
+
+    /// Every sample at which a process's name held more connections than
+    /// its pools allow: a pool built again on each reconnect without the
+    /// old one closed, or a killed process's connections that Postgres
+    /// never let go, would show here.
+    pub fn over_pool_limit(&self) -> Vec<String> {
+        self.samples
+            .iter()
+            .flat_map(|sample| {
+                sample
+                    .postgres_by_process
+                    .iter()
+                    .filter_map(move |(name, &count)| {
+                        let limit = pool_limit(name)?;
+                        (count > limit)
+                            .then(|| format!("{name}: {count} > {limit} at {} s", sample.at_s))
+                    })
+            })
+            .collect()
+    }
+
     pub fn most_dedup_rows(&self) -> u64 {
         self.samples.iter().map(|s| s.dedup_rows).max().unwrap_or(0)
     }
@@ -302,7 +345,20 @@ impl SoakReport {
     }
 }
 
-pub const HEADER: [&str; 10] = [
+/// The most Postgres connections one lab process may hold: its pool, and
+/// the relay's `LISTEN` connection. `None` for a name the lab did not give.
+fn pool_limit(application_name: &str) -> Option<u64> {
+    let role = application_name.rsplit_once('-')?.0;
+    let limit = match role {
+        "consumer" => consumer::service::POOL_CONNECTIONS,
+        "relay" => relay::service::POOL_CONNECTIONS + 1,
+        "producer" => crate::roles::PRODUCER_POOL_CONNECTIONS,
+        _ => return None,
+    };
+    Some(u64::from(limit))
+}
+
+pub const HEADER: [&str; 11] = [
     "broker",
     "minutes",
     "orders",
@@ -312,7 +368,8 @@ pub const HEADER: [&str; 10] = [
     "survivor RSS (MiB, warm → end)",
     "relay RSS (MiB)",
     "survivor open fds",
-    "Postgres connections",
+    "survivor's Postgres connections",
+    "all Postgres connections",
 ];
 
 /// The soak's row for one broker.
@@ -324,6 +381,10 @@ pub fn cells(run: &RunReport) -> Vec<String> {
         span.map_or_else(|| "—".to_owned(), |s| s.show(unit))
     };
     let survivor = CONSUMERS - 1;
+    let survivor_id = ProcessId {
+        role: Role::Consumer,
+        slot: survivor,
+    };
     vec![
         run.backend.clone(),
         format!("{:.0}", run.elapsed_ms as f64 / 60_000.0),
@@ -340,6 +401,7 @@ pub fn cells(run: &RunReport) -> Vec<String> {
             soak.process_span(Role::Consumer, survivor, |p| p.open_fds),
             &count,
         ),
+        span(soak.process_postgres_span(survivor_id), &count),
         span(soak.postgres_span(), &count),
     ]
 }
@@ -407,6 +469,22 @@ pub fn claims(runs: &[RunReport], orders_per_second: f64) -> Vec<Claim> {
             }),
         ),
         Claim::new(
+            format!(
+                "no process held more Postgres connections than its pool allows \
+                 (consumer {}, relay {} and its LISTEN, producer {}), a killed one's leftovers counted",
+                consumer::service::POOL_CONNECTIONS,
+                relay::service::POOL_CONNECTIONS,
+                crate::roles::PRODUCER_POOL_CONNECTIONS
+            ),
+            soaks.iter().all(|soak| {
+                let over = soak.over_pool_limit();
+                for line in &over {
+                    eprintln!("over its pool: {line}");
+                }
+                over.is_empty()
+            }),
+        ),
+        Claim::new(
             "the retention job kept the dedup table within one window of orders",
             soaks
                 .iter()
@@ -431,6 +509,11 @@ mod tests {
                 open_fds: 20,
             }],
             postgres_connections: 12,
+            postgres_by_process: BTreeMap::from([
+                ("consumer-2".to_owned(), 3),
+                ("relay-0".to_owned(), 4),
+                (String::new(), 5),
+            ]),
             dedup_rows: rows,
             dedup_bytes: 8192,
         }
@@ -464,7 +547,7 @@ mod tests {
             sample(60, 40_000, 7, 500),
             sample(600, 45_000, 7, 900),
         ]);
-        assert_eq!(holding(run.clone()), [true; 5]);
+        assert_eq!(holding(run.clone()), [true; 6]);
         let cells = cells(&run);
         assert_eq!(cells.len(), HEADER.len());
         // Warm is the sample at 60 s, not the start-up one.
@@ -474,10 +557,10 @@ mod tests {
     #[test]
     fn growth_like_a_leak_or_a_table_past_its_bound_fails_its_claim() {
         let leaking = soaked(vec![sample(60, 40_000, 7, 0), sample(600, 200_000, 7, 0)]);
-        assert_eq!(holding(leaking), [true, true, false, true, true]);
+        assert_eq!(holding(leaking), [true, true, false, true, true, true]);
         // 10 orders/s over 60 s + 30 s is 900 rows, 990 with the margin.
         let unbounded = soaked(vec![sample(60, 40_000, 7, 0), sample(600, 40_000, 7, 5000)]);
-        assert_eq!(holding(unbounded), [true, true, true, true, false]);
+        assert_eq!(holding(unbounded), [true, true, true, true, true, false]);
     }
 
     #[test]
@@ -489,5 +572,28 @@ mod tests {
             None
         );
         assert!(!holding(restarted)[2]);
+    }
+
+    #[test]
+    fn a_process_over_its_pool_fails_the_connection_claim_and_is_named() {
+        let mut samples = vec![sample(60, 40_000, 7, 0), sample(600, 40_000, 7, 0)];
+        // consumer-0's old connections lingering beside its restart's pool.
+        samples[1]
+            .postgres_by_process
+            .insert("consumer-0".to_owned(), 6);
+        // The lab's own pools have no limit here.
+        samples[1].postgres_by_process.insert(String::new(), 40);
+        let run = soaked(samples);
+        assert_eq!(holding(run.clone()), [true, true, true, true, false, true]);
+        let soak = run.soak.unwrap();
+        assert_eq!(soak.over_pool_limit(), ["consumer-0: 6 > 4 at 600 s"]);
+        let survivor = ProcessId {
+            role: Role::Consumer,
+            slot: CONSUMERS - 1,
+        };
+        assert_eq!(
+            soak.process_postgres_span(survivor),
+            Some(Span { warm: 3, end: 3 })
+        );
     }
 }

@@ -30,6 +30,14 @@ pub struct ProcessId {
     pub slot: usize,
 }
 
+impl ProcessId {
+    /// The `application_name` its Postgres connections carry (sqlx takes it
+    /// from `PGAPPNAME`), so that `pg_stat_activity` tells whose they are.
+    pub fn application_name(self) -> String {
+        format!("{}-{}", self.role.name(), self.slot)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {
     Killed { signal: i32 },
@@ -184,6 +192,7 @@ impl Keeper {
         let mut child = Command::new(&self.executable)
             .env(ROLE_ENV, self.process.role.name())
             .env(CONFIG_ENV, &self.config_path)
+            .env("PGAPPNAME", self.process.application_name())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -31,6 +31,11 @@ use crate::crash::{CrashSchedule, NeverCrash};
 use crate::observe::{LogObserver, Observation, Observer};
 use crate::{ConsumerError, Heartbeat, PaymentConsumer, Variant};
 
+/// The consumer's Postgres pool. A delivery in hand holds one connection
+/// for its transaction, across the PSP call; a duplicate's fingerprint check
+/// reads on another.
+pub const POOL_CONNECTIONS: u32 = 4;
+
 /// Everything an operator configures. No `Debug`: it holds the PSP's API
 /// key and a database URL that may carry a password.
 #[derive(Clone)]
@@ -109,9 +114,15 @@ pub async fn run(
 
     let mut backoff = Backoff::default();
     let migrate = |pool: PgPool| async move { crate::migrate(&pool).await };
-    let Some(pool) = databases::wait_for(&settings.database, 4, migrate, &mut backoff, &mut stop)
-        .await
-        .map_err(ServiceError::Database)?
+    let Some(pool) = databases::wait_for(
+        &settings.database,
+        POOL_CONNECTIONS,
+        migrate,
+        &mut backoff,
+        &mut stop,
+    )
+    .await
+    .map_err(ServiceError::Database)?
     else {
         return Ok(());
     };

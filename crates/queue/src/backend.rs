@@ -65,7 +65,7 @@ pub struct QueueSpec {
 /// message the broker confirmed survives the broker's own failure. Only
 /// [`Durability::Durable`] (and a quorum queue) closes the leg; the others
 /// exist to measure what it costs to get it wrong.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
     /// The book's setting. RabbitMQ: a durable classic queue and persistent

@@ -188,7 +188,7 @@ impl KafkaBroker {
             reason: error.to_string(),
         };
         let admin: AdminClient<DefaultClientContext> = config.create().map_err(create_error)?;
-        let producer: FutureProducer = idempotent_producer_config(brokers)
+        let producer: FutureProducer = producer_config(brokers, Acks::All)
             .create()
             .map_err(create_error)?;
         let broker = Self {
@@ -341,14 +341,12 @@ impl KafkaBroker {
     pub async fn publisher(&self, topology: &KafkaTopology) -> Result<KafkaPublisher, QueueError> {
         let producer = match topology.acks {
             Acks::All => self.producer.clone(),
-            Acks::Leader => {
-                leader_ack_producer_config(&self.brokers)
-                    .create()
-                    .map_err(|error| QueueError::Connect {
-                        url: self.brokers.clone(),
-                        reason: error.to_string(),
-                    })?
-            }
+            Acks::Leader => producer_config(&self.brokers, Acks::Leader)
+                .create()
+                .map_err(|error| QueueError::Connect {
+                    url: self.brokers.clone(),
+                    reason: error.to_string(),
+                })?,
         };
         Ok(KafkaPublisher {
             producer,
@@ -372,7 +370,6 @@ impl KafkaBroker {
             .map(|p| PartitionReplicas {
                 leader: p.leader(),
                 replicas: p.replicas().to_vec(),
-                in_sync: p.isr().to_vec(),
             })
             .ok_or_else(|| {
                 QueueError::broker("metadata", format!("{topic} has no partition {partition}"))
@@ -435,7 +432,7 @@ impl KafkaBroker {
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         );
-        let producer: FutureProducer = idempotent_producer_config(&self.brokers)
+        let producer: FutureProducer = producer_config(&self.brokers, Acks::All)
             .set("transactional.id", transactional_id)
             .create()
             .map_err(|e| QueueError::broker("create transactional producer", e))?;
@@ -472,27 +469,23 @@ fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
-/// Leg 1 and Leg 2 on the producer side: `acks=all` (the broker confirms only
-/// once every in-sync replica has the message) and idempotence (librdkafka's
-/// retries of a publish whose acknowledgement was lost are deduplicated by
-/// the broker by producer id and sequence number, instead of appended twice).
-/// librdkafka does not turn idempotence on by default.
-fn idempotent_producer_config(brokers: &str) -> ClientConfig {
+/// The producer's acknowledgement setting. `acks=all` with idempotence
+/// closes Leg 1 and Leg 2 on the producer side: the broker confirms only once
+/// every in-sync replica has the message, and librdkafka's retries of a
+/// publish whose acknowledgement was lost are deduplicated by the broker by
+/// producer id and sequence number instead of appended twice (librdkafka does
+/// not turn idempotence on by default). `acks=1` is Leg 2's wrong setting,
+/// kept for measuring it, with idempotence off: librdkafka refuses `acks`
+/// other than `all` when it is on.
+fn producer_config(brokers: &str, acks: Acks) -> ClientConfig {
+    let (acks, idempotence) = match acks {
+        Acks::All => ("all", "true"),
+        Acks::Leader => ("1", "false"),
+    };
     let mut config = client_config(brokers);
     config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", millis(DELIVERY_TIMEOUT));
-    config
-}
-
-/// Leg 2's wrong setting, for measuring it: `acks=1`, with idempotence
-/// off (librdkafka refuses `acks` other than `all` when it is on).
-fn leader_ack_producer_config(brokers: &str) -> ClientConfig {
-    let mut config = client_config(brokers);
-    config
-        .set("enable.idempotence", "false")
-        .set("acks", "1")
+        .set("enable.idempotence", idempotence)
+        .set("acks", acks)
         .set("message.timeout.ms", millis(DELIVERY_TIMEOUT));
     config
 }
@@ -502,7 +495,6 @@ fn leader_ack_producer_config(brokers: &str) -> ClientConfig {
 pub struct PartitionReplicas {
     pub leader: i32,
     pub replicas: Vec<i32>,
-    pub in_sync: Vec<i32>,
 }
 
 fn admin_options() -> AdminOptions {

@@ -19,6 +19,10 @@ use telemetry::service::{set_connected, sleep_or_stop, Backoff};
 
 use crate::{NoFaults, Relay, RelayConfig, RelayError, RelayFaults, RelayObserver, Unobserved};
 
+/// The relay's Postgres pool. With `--wake notify` it holds one more
+/// connection outside the pool, for `LISTEN`.
+pub const POOL_CONNECTIONS: u32 = 3;
+
 /// Everything an operator configures. No `Debug`: the database URL may
 /// carry a password.
 #[derive(Clone)]
@@ -88,8 +92,14 @@ pub async fn run(
     let mut backoff = Backoff::default();
     // The outbox table must exist before the first claim.
     let migrate = |pool: PgPool| async move { shop::migrate(&pool).await };
-    let Some(pool) =
-        databases::wait_for(&settings.database, 3, migrate, &mut backoff, &mut stop).await?
+    let Some(pool) = databases::wait_for(
+        &settings.database,
+        POOL_CONNECTIONS,
+        migrate,
+        &mut backoff,
+        &mut stop,
+    )
+    .await?
     else {
         return Ok(());
     };
