@@ -316,6 +316,7 @@ impl Services {
             // As in every chaos run: the last receive the queue allows is
             // dead-lettered. A count no broker set must never reach it.
             max_receives: Some(10),
+            batch_size: 1,
         })
     }
 }

@@ -58,6 +58,10 @@ impl ProducerKind {
 }
 pub const CONFIG_ENV: &str = "EO_LAB_CONFIG";
 
+fn one() -> usize {
+    1
+}
+
 /// Everything a child process needs, written to a file by the lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -71,6 +75,9 @@ pub struct RunConfig {
     pub psp_timeout_ms: u64,
     pub queue: QueueSpec,
     pub prefetch: u16,
+    /// Deliveries per receive (and per batch, for the hardened consumer).
+    #[serde(default = "one")]
+    pub batch_size: usize,
     /// The consumers' visibility heartbeat, if they keep one.
     pub heartbeat: Option<consumer::Heartbeat>,
     /// Milliseconds the producer waits between orders.
@@ -202,6 +209,7 @@ async fn run_consumer(config: RunConfig) -> anyhow::Result<()> {
         metrics_addr: std::env::var("EO_CONSUMER_METRICS_ADDR")
             .unwrap_or_else(|_| "127.0.0.1:0".into()),
         requeue_delay: Duration::from_millis(200),
+        batch_size: config.batch_size,
     };
     let hooks = consumer::service::Hooks {
         crashes: Arc::new(crashes),

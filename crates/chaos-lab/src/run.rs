@@ -34,6 +34,11 @@ pub struct RunSpec {
     pub consumers: usize,
     /// Unacked messages per consumer: all of them come back when it dies.
     pub prefetch: u16,
+    /// Deliveries per receive; the hardened consumer handles them as one
+    /// batch. One by default: the chapters that teach a crash point follow
+    /// one message through it. Chapter 8, the fault matrix, Leg 2 and the
+    /// soak run the hardened consumer as it ships, batched.
+    pub batch_size: usize,
     pub psp_faults: psp::faults::FaultConfig,
     pub psp_timeout: Duration,
     /// Give up waiting for the drain after this long, and say so.
@@ -89,6 +94,7 @@ impl RunSpec {
             plan,
             consumers,
             prefetch: 1,
+            batch_size: 1,
             psp_faults: psp::faults::FaultConfig::default(),
             psp_timeout: Duration::from_secs(5),
             deadline,
@@ -575,6 +581,7 @@ async fn run_in(
         psp_timeout_ms: spec.psp_timeout.as_millis() as u64,
         queue: queue_spec.clone(),
         prefetch: spec.prefetch,
+        batch_size: spec.batch_size,
         heartbeat: spec.heartbeat,
         publish_pace_ms: spec.publish_pace.map(|pace| pace.as_millis() as u64),
         work_dir: work_dir.clone(),

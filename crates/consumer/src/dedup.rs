@@ -29,6 +29,8 @@
 //! [`Recorded::matches`] tells the two apart, and the consumer dead-letters
 //! the mismatch with its reason instead of acking it away in silence.
 
+use std::collections::HashSet;
+
 use payments::PaymentEvent;
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
@@ -107,6 +109,51 @@ pub async fn claim(
     }
 }
 // ANCHOR_END: claim
+
+// ANCHOR: claim_batch
+/// [`claim`] for a batch of events in one statement, with
+/// [`Identity::Order`]: returns the event ids whose rows this transaction
+/// inserted. An event left out collided with a row already committed, or
+/// held by another consumer's transaction that then committed (the INSERT
+/// waits for it, as a single claim does): a duplicate. Rows go in ordered
+/// by order id, so two consumers claiming overlapping batches take the
+/// rows' locks in the same order and do not deadlock.
+pub async fn claim_batch(
+    tx: &mut PgConnection,
+    events: &[&PaymentEvent],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let event_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let order_ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
+    let fingerprints: Vec<Vec<u8>> = events.iter().map(|e| fingerprint(e).to_vec()).collect();
+    let claimed: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO processed_messages (event_id, order_id, fingerprint, charged_order) \
+         SELECT event_id, order_id, fingerprint, order_id \
+         FROM unnest($1::uuid[], $2::uuid[], $3::bytea[]) AS claim(event_id, order_id, fingerprint) \
+         ORDER BY order_id, event_id \
+         ON CONFLICT DO NOTHING \
+         RETURNING event_id",
+    )
+    .bind(&event_ids)
+    .bind(&order_ids)
+    .bind(&fingerprints)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(claimed.into_iter().collect())
+}
+// ANCHOR_END: claim_batch
+
+/// Deletes the rows of `event_ids` that this transaction claimed, for the
+/// charges that failed: their retries must be processed as new.
+pub async fn release(tx: &mut PgConnection, event_ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM processed_messages WHERE event_id = ANY($1)")
+        .bind(event_ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
 
 /// sha256 of what a charge is for: order, amount and currency (the same
 /// three the PSP fingerprints an Idempotency-Key's request by). The event

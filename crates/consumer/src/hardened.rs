@@ -25,8 +25,11 @@
 use payments::{DecodeError, PaymentEvent};
 use queue::{Delivery, Receiver};
 
+use std::time::Instant;
+
 use crate::crash::CrashPoint;
 use crate::dedup::{self, FirstSeen, Identity};
+use crate::metrics::{step_took, Step};
 use crate::naive::{charge_request, dead_letter, settle_failed_charge};
 use crate::observe::Outcome;
 use crate::{ConsumerError, PaymentConsumer};
@@ -68,8 +71,11 @@ pub async fn handle_insert_first(
         Ok(event) => event,
         Err(error) => return dead_letter(consumer, receiver, delivery, error).await,
     };
+    let claiming = Instant::now();
     let mut tx = consumer.pool.begin().await?;
-    if dedup::claim(&mut tx, &event, key.identity()).await? == FirstSeen::Duplicate {
+    let first_seen = dedup::claim(&mut tx, &event, key.identity()).await?;
+    step_took(Step::Dedup, claiming);
+    if first_seen == FirstSeen::Duplicate {
         tx.rollback().await?;
         return settle_duplicate(consumer, receiver, delivery, &event).await;
     }
@@ -81,10 +87,12 @@ pub async fn handle_insert_first(
         ChargeKey::FromEvent => Some(dedup::idempotency_key(&event)),
         ChargeKey::FromOrder => Some(dedup::order_idempotency_key(&event)),
     };
+    let charging = Instant::now();
     let charged = consumer
         .psp
         .charge(&charge_request(&event), idempotency_key.as_deref())
         .await;
+    step_took(Step::Psp, charging);
     let charge = match charged {
         Ok(charge) => charge,
         Err(error) => {
@@ -96,11 +104,17 @@ pub async fn handle_insert_first(
     // ANCHOR_END: charge_with_key
     consumer.crash_point(CrashPoint::AfterChargeBeforeCommit, &event);
 
+    let recording = Instant::now();
     crate::insert_payment(&mut tx, &event, &charge.id).await?;
+    step_took(Step::Record, recording);
+    let committing = Instant::now();
     tx.commit().await?;
+    step_took(Step::Commit, committing);
     consumer.crash_point(CrashPoint::AfterCommitBeforeAck, &event);
 
+    let settling = Instant::now();
     receiver.ack(delivery).await?;
+    step_took(Step::Settle, settling);
     Ok(Outcome::Charged {
         charge_id: charge.id,
     })

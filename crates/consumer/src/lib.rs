@@ -34,6 +34,7 @@ use queue::{Delivery, LeaseKeeper, QueueError, Receiver};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
+mod batch;
 pub mod crash;
 pub mod dedup;
 pub mod hardened;
@@ -45,7 +46,13 @@ pub mod service;
 
 use crash::{CrashPoint, CrashSchedule};
 use hardened::ChargeKey;
+use metrics::Step;
 use observe::{Observation, Observer, Outcome};
+
+/// Deliveries the hardened consumer takes per receive and handles as one
+/// batch, unless told otherwise: what waits in the queue goes through in
+/// one transaction and one settle per ten (see [`batch`]).
+pub const DEFAULT_BATCH_SIZE: usize = 10;
 
 /// Which consumer runs. Each variant is a whole, separate handler. The
 /// `--variant` values are the names the chapters' tables use.
@@ -119,6 +126,9 @@ pub struct PaymentConsumer {
     /// The queue's `maxReceiveCount`, where the broker counts receives: the
     /// last receive is dead-lettered with a reason instead of handled.
     pub max_receives: Option<u32>,
+    /// Deliveries taken per receive. Above 1, the hardened variant handles
+    /// them as one batch (see [`batch`]); the others handle them one by one.
+    pub batch_size: usize,
 }
 
 /// The visibility heartbeat: every `every`, push the delivery's lease out
@@ -141,8 +151,14 @@ impl Heartbeat {
 }
 
 impl PaymentConsumer {
-    /// Receives and handles deliveries until `stop` resolves. Deliveries are
-    /// handled one at a time, in arrival order.
+    /// Receives and handles deliveries until `stop` resolves: up to
+    /// [`Self::batch_size`] per receive, as one batch where the variant has
+    /// a batched handler, else one at a time in arrival order.
+    ///
+    /// A redelivery is never part of a batch: it is handled on its own,
+    /// before the batch. A message that kills whoever handles it would
+    /// otherwise take its batch-mates down with it on every receive, and use
+    /// up their `maxReceiveCount` too.
     pub async fn run(
         &self,
         receiver: &mut dyn Receiver,
@@ -150,25 +166,47 @@ impl PaymentConsumer {
     ) -> Result<(), ConsumerError> {
         tokio::pin!(stop);
         loop {
+            let receiving = std::time::Instant::now();
             let batch = tokio::select! {
                 _ = &mut stop => return Ok(()),
-                batch = receiver.receive(1, Duration::from_millis(500)) => batch?,
+                batch = receiver.receive(self.batch_size.max(1), Duration::from_millis(500)) => batch?,
             };
-            for delivery in batch {
-                let in_hand = delivery.clone();
-                let result = self.handle(receiver, delivery).await;
+            if !batch.is_empty() {
+                metrics::step_took(Step::Receive, receiving);
+            }
+            // Redeliveries first and one at a time, in arrival order (on a
+            // Kafka partition they come before anything new); then the rest.
+            let (singly, together): (Vec<Delivery>, Vec<Delivery>) = if self.batches() {
+                batch.into_iter().partition(|d| !is_first_delivery(d))
+            } else {
+                (batch, Vec::new())
+            };
+            for (i, delivery) in singly.iter().enumerate() {
+                let result = self.handle(receiver, delivery.clone()).await;
                 if let Err(ConsumerError::Database(error)) = result {
-                    // The shop database went away mid-delivery: nothing was
-                    // committed, so hand the message back now rather than
-                    // hold it until the connection closes or the lease ends.
-                    if let Err(requeue) = receiver.requeue(&in_hand).await {
-                        tracing::warn!(%requeue, "could not hand the message back; the broker will");
-                    }
+                    let in_hand: Vec<Delivery> =
+                        singly[i..].iter().chain(&together).cloned().collect();
+                    hand_back(receiver, &in_hand).await;
                     return Err(ConsumerError::Database(error));
                 }
                 result?;
             }
+            let result = match together.as_slice() {
+                [] => Ok(()),
+                [one] => self.handle(receiver, one.clone()).await.map(drop),
+                many => batch::handle_batch(self, receiver, many).await.map(drop),
+            };
+            if let Err(ConsumerError::Database(error)) = result {
+                hand_back(receiver, &together).await;
+                return Err(ConsumerError::Database(error));
+            }
+            result?;
         }
+    }
+
+    /// True when deliveries received together are handled as one batch.
+    fn batches(&self) -> bool {
+        self.batch_size > 1 && self.variant == Variant::Hardened
     }
 
     /// Handles one delivery with this consumer's variant.
@@ -177,10 +215,26 @@ impl PaymentConsumer {
         receiver: &mut dyn Receiver,
         delivery: Delivery,
     ) -> Result<Outcome, ConsumerError> {
-        let started = std::time::Instant::now();
+        let (arrived, decoded) = self.arrived(&delivery);
+        let _heartbeat = self.start_heartbeat(&*receiver, &delivery, arrived.order_id);
+        let mut settling = LateSettlements {
+            inner: receiver,
+            late: Vec::new(),
+        };
+        let outcome = self.dispatch(&mut settling, &delivery, decoded).await?;
+        self.settled_late(&settling.late, arrived.order_id);
+        self.finished(&arrived, &outcome);
+        Ok(outcome)
+    }
+
+    /// Decodes a delivery, and counts and reports its arrival.
+    fn arrived(
+        &self,
+        delivery: &Delivery,
+    ) -> (Arrived, Result<PaymentEvent, payments::DecodeError>) {
         let decoded = PaymentEvent::decode(&delivery.payload);
         let order_id = decoded.as_ref().ok().map(|event| event.order_id);
-        let redelivered = !is_first_delivery(&delivery);
+        let redelivered = !is_first_delivery(delivery);
         self.metrics.received(redelivered);
         self.observer.observe(&Observation::Received {
             message_id: delivery.message_id.clone(),
@@ -188,26 +242,32 @@ impl PaymentConsumer {
             redelivered,
             position: delivery.receipt.position(),
         });
-        let _heartbeat = self.start_heartbeat(&*receiver, &delivery, order_id);
-        let mut settling = LateSettlements {
-            inner: receiver,
-            late: Vec::new(),
+        let arrived = Arrived {
+            started: std::time::Instant::now(),
+            order_id,
         };
-        let outcome = self.dispatch(&mut settling, &delivery, decoded).await?;
-        for operation in settling.late {
+        (arrived, decoded)
+    }
+
+    /// Counts and reports settles that came after the lease ran out.
+    fn settled_late(&self, late: &[&'static str], order_id: Option<uuid::Uuid>) {
+        for operation in late {
             self.metrics.settled_late();
             self.observer.observe(&Observation::SettledLate {
                 order_id,
-                operation: operation.to_owned(),
+                operation: (*operation).to_owned(),
             });
         }
-        self.metrics.settled(&outcome, started.elapsed());
+    }
+
+    /// Counts and reports how a delivery ended.
+    fn finished(&self, arrived: &Arrived, outcome: &Outcome) {
+        self.metrics.settled(outcome, arrived.started.elapsed());
         self.observer.observe(&Observation::Settled {
-            order_id,
+            order_id: arrived.order_id,
             outcome: outcome.clone(),
-            elapsed_ms: started.elapsed().as_millis() as u64,
+            elapsed_ms: arrived.started.elapsed().as_millis() as u64,
         });
-        Ok(outcome)
     }
 
     /// The variant's handler, or the dead letter of a last receive.
@@ -219,12 +279,7 @@ impl PaymentConsumer {
     ) -> Result<Outcome, ConsumerError> {
         let outcome = match self.variant {
             _ if self.last_receive(delivery) => {
-                let reason = format!(
-                    "received {} times without being settled (the queue's maxReceiveCount is {}): \
-                     every earlier attempt died or gave up",
-                    delivery.delivery_count.unwrap_or_default(),
-                    self.max_receives.unwrap_or_default()
-                );
+                let reason = self.last_receive_reason(delivery);
                 self.dead_letter(receiver, delivery, reason).await?
             }
             Variant::Naive => {
@@ -270,6 +325,16 @@ impl PaymentConsumer {
         matches!(
             (self.max_receives, delivery.delivery_count),
             (Some(limit), Some(count)) if count >= limit
+        )
+    }
+
+    /// The dead letter's reason on the last receive the queue allows.
+    fn last_receive_reason(&self, delivery: &Delivery) -> String {
+        format!(
+            "received {} times without being settled (the queue's maxReceiveCount is {}): \
+             every earlier attempt died or gave up",
+            delivery.delivery_count.unwrap_or_default(),
+            self.max_receives.unwrap_or_default()
         )
     }
 
@@ -340,6 +405,18 @@ impl PaymentConsumer {
     }
 }
 
+/// The shop database went away mid-delivery: nothing of `deliveries` was
+/// committed, or what was is a duplicate when it comes back, so hand them
+/// back now rather than hold them until the connection closes or the lease
+/// ends.
+async fn hand_back(receiver: &mut dyn Receiver, deliveries: &[Delivery]) {
+    for delivery in deliveries {
+        if let Err(requeue) = receiver.requeue(delivery).await {
+            tracing::warn!(%requeue, "could not hand the message back; the broker will");
+        }
+    }
+}
+
 async fn beat(
     keeper: Arc<dyn LeaseKeeper>,
     delivery: Delivery,
@@ -361,6 +438,12 @@ async fn beat(
             Err(error) => tracing::warn!(%error, "visibility heartbeat failed"),
         }
     }
+}
+
+/// When a delivery arrived, and for which order.
+struct Arrived {
+    started: std::time::Instant,
+    order_id: Option<uuid::Uuid>,
 }
 
 /// Stops a spawned task when dropped, however the handler returned.
@@ -403,6 +486,11 @@ impl Receiver for LateSettlements<'_> {
 
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), QueueError> {
         let result = self.inner.ack(delivery).await;
+        self.tolerate(result)
+    }
+
+    async fn ack_batch(&mut self, deliveries: &[Delivery]) -> Result<(), QueueError> {
+        let result = self.inner.ack_batch(deliveries).await;
         self.tolerate(result)
     }
 
@@ -458,9 +546,48 @@ pub(crate) async fn record_payment(
     event: &PaymentEvent,
     charge_id: &str,
 ) -> Result<(), sqlx::Error> {
+    let recording = std::time::Instant::now();
     let mut tx = pool.begin().await?;
     insert_payment(&mut tx, event, charge_id).await?;
-    tx.commit().await
+    metrics::step_took(Step::Record, recording);
+    let committing = std::time::Instant::now();
+    tx.commit().await?;
+    metrics::step_took(Step::Commit, committing);
+    Ok(())
+}
+
+/// Every payment row of a batch in one statement, on a transaction the
+/// caller commits.
+pub(crate) async fn insert_payments(
+    tx: &mut sqlx::PgConnection,
+    payments: &[(&PaymentEvent, &str)],
+) -> Result<(), sqlx::Error> {
+    if payments.is_empty() {
+        return Ok(());
+    }
+    let order_ids: Vec<uuid::Uuid> = payments.iter().map(|(event, _)| event.order_id).collect();
+    let event_ids: Vec<uuid::Uuid> = payments.iter().map(|(event, _)| event.event_id).collect();
+    let charge_ids: Vec<&str> = payments.iter().map(|(_, charge)| *charge).collect();
+    let amounts: Vec<i64> = payments
+        .iter()
+        .map(|(event, _)| event.amount_cents)
+        .collect();
+    let currencies: Vec<&str> = payments
+        .iter()
+        .map(|(event, _)| event.currency.as_str())
+        .collect();
+    sqlx::query(
+        "INSERT INTO payments (order_id, event_id, psp_charge_id, amount_cents, currency) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[])",
+    )
+    .bind(&order_ids)
+    .bind(&event_ids)
+    .bind(&charge_ids)
+    .bind(&amounts)
+    .bind(&currencies)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// The payment row, on a transaction the caller commits.

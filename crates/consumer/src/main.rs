@@ -40,6 +40,11 @@ struct Args {
     /// back to the queue if it dies.
     #[arg(long, env = "EO_PREFETCH", default_value_t = 10)]
     prefetch: u16,
+    /// Deliveries taken per receive. Above 1, the hardened consumer claims,
+    /// charges, records and acks them as one batch (chapter 2); SQS hands
+    /// out at most 10 per receive.
+    #[arg(long, env = "EO_CONSUMER_BATCH_SIZE", default_value_t = consumer::DEFAULT_BATCH_SIZE)]
+    batch_size: usize,
     /// The PSP's base URL.
     #[arg(long, env = "EO_PSP_URL", default_value = "http://127.0.0.1:4242")]
     psp_url: String,
@@ -86,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         psp_timeout: Duration::from_millis(args.psp_timeout_ms),
         metrics_addr: args.metrics_addr,
         requeue_delay: Duration::from_millis(500),
+        batch_size: args.batch_size,
     };
     consumer::service::run(
         settings,

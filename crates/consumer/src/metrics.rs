@@ -30,6 +30,55 @@ pub const FINGERPRINT_MISMATCHES: &str = "dedup_fingerprint_mismatches_total";
 /// a producer that retries by emitting a fresh event.
 pub const ORDER_DUPLICATES: &str = "dedup_order_hits_total";
 
+/// Seconds spent in each step of handling, labelled `step`, recorded once
+/// per step per transaction (a batch's steps once for all its messages):
+/// the sums over a run, divided by the messages handled, say where each
+/// message's time went.
+pub const STEP_SECONDS: &str = "step_seconds";
+
+/// The steps [`STEP_SECONDS`] tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A receive that brought deliveries (an empty one is idle time).
+    Receive,
+    /// BEGIN and the dedup INSERT.
+    Dedup,
+    /// The PSP's charge (a batch's concurrent charges, until the last).
+    Psp,
+    /// The payment rows.
+    Record,
+    Commit,
+    /// Ack, requeue or dead letter, with the broker's reply.
+    Settle,
+}
+
+impl Step {
+    pub const ALL: [Step; 6] = [
+        Step::Receive,
+        Step::Dedup,
+        Step::Psp,
+        Step::Record,
+        Step::Commit,
+        Step::Settle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Receive => "receive",
+            Step::Dedup => "dedup",
+            Step::Psp => "psp",
+            Step::Record => "record",
+            Step::Commit => "commit",
+            Step::Settle => "settle",
+        }
+    }
+}
+
+/// Records how long one step took, from `since`.
+pub fn step_took(step: Step, since: std::time::Instant) {
+    metrics::histogram!(STEP_SECONDS, "step" => step.name()).record(since.elapsed().as_secs_f64());
+}
+
 /// Bucket bounds for the processing time: from a fast local charge to a PSP
 /// call that ran into its timeout.
 const PROCESSING_BUCKETS: [f64; 12] = [

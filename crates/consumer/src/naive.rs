@@ -13,7 +13,10 @@ use payments::{DecodeError, PaymentEvent};
 use psp::{ChargeError, ChargeRequest};
 use queue::{Delivery, Receiver};
 
+use std::time::Instant;
+
 use crate::crash::CrashPoint;
+use crate::metrics::{step_took, Step};
 use crate::observe::Outcome;
 use crate::{record_payment, ConsumerError, PaymentConsumer};
 
@@ -32,7 +35,10 @@ pub async fn handle_ack_after_commit(
     consumer.crash_point(CrashPoint::BeforeCharge, &event);
 
     // No Idempotency-Key: every call moves money, including a retry.
-    let charge = match consumer.psp.charge(&charge_request(&event), None).await {
+    let charging = Instant::now();
+    let charged = consumer.psp.charge(&charge_request(&event), None).await;
+    step_took(Step::Psp, charging);
+    let charge = match charged {
         Ok(charge) => charge,
         Err(error) => return settle_failed_charge(consumer, receiver, delivery, error).await,
     };
@@ -41,7 +47,9 @@ pub async fn handle_ack_after_commit(
     record_payment(&consumer.pool, &event, &charge.id).await?;
     consumer.crash_point(CrashPoint::AfterCommitBeforeAck, &event);
 
+    let settling = Instant::now();
     receiver.ack(delivery).await?;
+    step_took(Step::Settle, settling);
     Ok(Outcome::Charged {
         charge_id: charge.id,
     })

@@ -55,6 +55,9 @@ pub struct Settings {
     pub metrics_addr: String,
     /// Pause before handing back a delivery whose charge may succeed later.
     pub requeue_delay: Duration,
+    /// Deliveries taken per receive and, for the hardened variant, handled
+    /// as one batch. RabbitMQ's prefetch is raised to it when below.
+    pub batch_size: usize,
 }
 
 /// What the chaos lab plugs in; an operator's process uses the defaults
@@ -145,6 +148,7 @@ pub async fn run(
         // Where the broker counts receives (SQS), the last one it allows is
         // dead-lettered with a reason; elsewhere this never fires.
         max_receives: Some(settings.queue.max_receive_count),
+        batch_size: settings.batch_size.max(1),
     };
 
     loop {
@@ -211,7 +215,12 @@ async fn connect_broker<F: Future<Output = ()> + Unpin>(
         let attempt = async {
             let broker = Broker::connect_for(&settings.queue).await?;
             broker.declare(&settings.queue).await?;
-            let receiver = broker.receiver(&settings.queue, settings.prefetch).await?;
+            // A batch is what one receive finds waiting: it can be no bigger
+            // than what the broker lets this process hold.
+            let prefetch = settings
+                .prefetch
+                .max(u16::try_from(settings.batch_size).unwrap_or(u16::MAX));
+            let receiver = broker.receiver(&settings.queue, prefetch).await?;
             Ok::<_, queue::QueueError>((broker, receiver))
         };
         match attempt.await {

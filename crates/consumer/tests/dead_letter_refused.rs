@@ -61,6 +61,7 @@ async fn a_refused_dead_letter_is_handed_back_and_the_consumer_carries_on() {
             metrics: Default::default(),
             heartbeat: None,
             max_receives: None,
+            batch_size: 1,
         };
         let mut receiver = RefusingDeadLetters::default();
         let delivery = Delivery {

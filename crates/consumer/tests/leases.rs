@@ -93,6 +93,7 @@ impl Setup {
             metrics: Default::default(),
             heartbeat: None,
             max_receives: None,
+            batch_size: 1,
         }
     }
 

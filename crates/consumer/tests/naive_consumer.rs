@@ -164,6 +164,7 @@ impl Harness {
             metrics: Default::default(),
             heartbeat: None,
             max_receives: None,
+            batch_size: 1,
         };
         Self {
             consumer,

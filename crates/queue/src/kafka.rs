@@ -9,9 +9,10 @@
 //! the group remembers is one *committed offset* per partition: "everything
 //! before this position is done". Acking a delivery here is committing
 //! `offset + 1` for its partition, so every message before it on that
-//! partition is acked with it. That is why the consumer handles one delivery
-//! at a time, in order, and why [`KafkaReceiver`] hands out at most one per
-//! receive.
+//! partition is acked with it. That is why the consumer settles what it
+//! received before it receives again: one delivery at a time, or one batch
+//! of up to `max` that one receive takes from what librdkafka has fetched
+//! ([`crate::Receiver::ack_batch`] commits it once per partition).
 //!
 //! A consumer that dies leaves its position uncommitted. Once its session
 //! times out (no heartbeat for [`SESSION_TIMEOUT`]), the group rebalances,
@@ -23,6 +24,10 @@
 //! - **requeue** seeks the partition back to the message: the next receive
 //!   delivers it again, and every later message of the partition waits
 //!   behind it (Kafka's order per partition is also head-of-line blocking).
+//!   Until it is received again, no commit on that partition goes past it:
+//!   a batch that acks later messages, or dead-letters one, commits up to
+//!   the handed-back message and not beyond, so a crash in between cannot
+//!   skip it.
 //! - **dead_letter** produces a copy to `<topic>.dlq` with the reason in the
 //!   `dead-letter-reason` header, waits for the broker's delivery report,
 //!   and only then commits: a crash in between leaves a duplicate in the
@@ -56,6 +61,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
@@ -415,6 +421,7 @@ impl KafkaBroker {
             transactions,
             topology: topology.clone(),
             highest_received: HashMap::new(),
+            handed_back: HashMap::new(),
         })
     }
 
@@ -566,9 +573,36 @@ pub struct KafkaReceiver {
     /// Per partition, the highest offset this process has received: the
     /// only memory of a redelivery that Kafka leaves a consumer.
     highest_received: HashMap<i32, i64>,
+    /// Per partition, the oldest message handed back (sought to) and not
+    /// received again yet: no commit may pass it.
+    handed_back: HashMap<i32, i64>,
 }
 
 impl KafkaReceiver {
+    /// A received message as a delivery, remembering how far this process
+    /// has read the partition (its only sign of a redelivery).
+    fn delivery(&mut self, message: &BorrowedMessage<'_>) -> Delivery {
+        let (partition, offset) = (message.partition(), message.offset());
+        let highest = self.highest_received.entry(partition).or_insert(-1);
+        let redelivered = offset <= *highest;
+        *highest = (*highest).max(offset);
+        // In hand again: the commits of its batch settle it.
+        if self
+            .handed_back
+            .get(&partition)
+            .is_some_and(|&back| offset <= back)
+        {
+            self.handed_back.remove(&partition);
+        }
+        Delivery {
+            payload: message.payload().unwrap_or_default().to_vec(),
+            message_id: header(message, MESSAGE_ID_HEADER),
+            redelivered,
+            delivery_count: None,
+            receipt: Receipt::Offset { partition, offset },
+        }
+    }
+
     fn offset_of(delivery: &Delivery) -> Result<(i32, i64), QueueError> {
         match delivery.receipt {
             Receipt::Offset { partition, offset } => Ok((partition, offset)),
@@ -609,11 +643,28 @@ impl KafkaReceiver {
         partition: i32,
         next: i64,
     ) -> Result<(), QueueError> {
-        self.ensure_assigned(operation, partition)?;
+        self.commit_positions(operation, &HashMap::from([(partition, next)]))
+            .await
+    }
+
+    /// [`Self::commit`] for several partitions in one request. A partition
+    /// with a message handed back commits up to that message, not past it.
+    async fn commit_positions(
+        &self,
+        operation: &'static str,
+        positions: &HashMap<i32, i64>,
+    ) -> Result<(), QueueError> {
         let mut offsets = TopicPartitionList::new();
-        offsets
-            .add_partition_offset(&self.topology.topic, partition, Offset::Offset(next))
-            .map_err(|e| QueueError::broker(operation, e))?;
+        for (&partition, &next) in positions {
+            self.ensure_assigned(operation, partition)?;
+            let next = self
+                .handed_back
+                .get(&partition)
+                .map_or(next, |&back| next.min(back));
+            offsets
+                .add_partition_offset(&self.topology.topic, partition, Offset::Offset(next))
+                .map_err(|e| QueueError::broker(operation, e))?;
+        }
         let consumer = self.consumer.clone();
         let result = match &self.transactions {
             None => {
@@ -706,37 +757,49 @@ fn header(message: &BorrowedMessage<'_>, name: &str) -> Option<String> {
 
 #[async_trait::async_trait]
 impl crate::Receiver for KafkaReceiver {
-    /// At most one delivery, whatever `max` says: the next one is received
-    /// only after this one is settled, because an ack is a position.
+    /// Waits for one message, then takes up to `max` in all from what
+    /// librdkafka has already fetched, without waiting for more. Settle them
+    /// before the next receive: an ack is a position.
     async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
         if max == 0 {
             return Ok(Vec::new());
         }
         let deadline = tokio::time::Instant::now() + wait;
-        let message = loop {
-            let received = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+        let consumer = self.consumer.clone();
+        let first = loop {
+            let received = match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Err(_elapsed) => return Ok(Vec::new()),
                 Ok(received) => received,
             };
             match received {
-                Ok(message) => break message,
+                Ok(message) => break self.delivery(&message),
                 Err(error) if passes(&error) => {
                     tracing::warn!(%error, topic = %self.topology.topic, "consume error, still waiting")
                 }
                 Err(error) => return Err(QueueError::broker("consume", error)),
             }
         };
-        let (partition, offset) = (message.partition(), message.offset());
-        let highest = self.highest_received.entry(partition).or_insert(-1);
-        let redelivered = offset <= *highest;
-        *highest = (*highest).max(offset);
-        Ok(vec![Delivery {
-            payload: message.payload().unwrap_or_default().to_vec(),
-            message_id: header(&message, MESSAGE_ID_HEADER),
-            redelivered,
-            delivery_count: None,
-            receipt: Receipt::Offset { partition, offset },
-        }])
+        let mut batch = vec![first];
+        while batch.len() < max {
+            let Some(Ok(message)) = consumer.recv().now_or_never() else {
+                break;
+            };
+            batch.push(self.delivery(&message));
+        }
+        Ok(batch)
+    }
+
+    async fn ack_batch(&mut self, deliveries: &[Delivery]) -> Result<(), QueueError> {
+        let mut positions: HashMap<i32, i64> = HashMap::new();
+        for delivery in deliveries {
+            let (partition, offset) = Self::offset_of(delivery)?;
+            let next = positions.entry(partition).or_insert(offset + 1);
+            *next = (*next).max(offset + 1);
+        }
+        if positions.is_empty() {
+            return Ok(());
+        }
+        self.commit_positions("commit (batch)", &positions).await
     }
 
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), QueueError> {
@@ -745,10 +808,14 @@ impl crate::Receiver for KafkaReceiver {
     }
 
     /// Seeks the partition back to the message, so the next receive
-    /// delivers it again; the messages after it wait.
+    /// delivers it again; the messages after it wait. Of several handed
+    /// back from one batch, the oldest is where the partition resumes.
     async fn requeue(&mut self, delivery: &Delivery) -> Result<(), QueueError> {
         let (partition, offset) = Self::offset_of(delivery)?;
         self.ensure_assigned("seek", partition)?;
+        let back = self.handed_back.entry(partition).or_insert(offset);
+        *back = (*back).min(offset);
+        let offset = *back;
         let consumer = self.consumer.clone();
         let topic = self.topology.topic.clone();
         blocking("seek", move || {

@@ -146,6 +146,20 @@ pub trait Receiver: Send {
     /// Done: the broker forgets the message.
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), QueueError>;
 
+    /// Done, for every delivery of a batch that one receive handed out:
+    /// RabbitMQ in one `multiple` ack up to the highest delivery tag, SQS
+    /// in `DeleteMessageBatch` calls of ten, Kafka in one commit per
+    /// partition. A multiple ack and a commit also cover what came before
+    /// the highest delivery, so the caller settles the batch's other
+    /// deliveries (handed back, dead-lettered) first, and settles a batch
+    /// before it receives the next.
+    async fn ack_batch(&mut self, deliveries: &[Delivery]) -> Result<(), QueueError> {
+        for delivery in deliveries {
+            self.ack(delivery).await?;
+        }
+        Ok(())
+    }
+
     /// Returns once the broker has processed every settlement sent before
     /// it. RabbitMQ answers no ack, so a process killed right after `ack`
     /// can take the ack down with it (the kernel resets a socket that still

@@ -430,6 +430,23 @@ impl crate::Receiver for RabbitReceiver {
             .map_err(|e| QueueError::broker("basic.ack", e))
     }
 
+    /// One `basic.ack` with `multiple` set, up to the batch's highest tag:
+    /// it acks every unacked delivery of the channel up to that tag, which
+    /// is this batch once its other deliveries are settled.
+    async fn ack_batch(&mut self, deliveries: &[Delivery]) -> Result<(), QueueError> {
+        let mut highest = None;
+        for delivery in deliveries {
+            highest = highest.max(Some(Self::delivery_tag(delivery)?));
+        }
+        let Some(tag) = highest else {
+            return Ok(());
+        };
+        self.channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(|e| QueueError::broker("basic.ack (multiple)", e))
+    }
+
     /// The broker handles a channel's frames in order, so the reply to a
     /// passive declare on this channel means every ack before it arrived.
     async fn settled(&mut self) -> Result<(), QueueError> {

@@ -562,16 +562,18 @@ fn is_missing_queue<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool 
 /// ran out and the message was received again (ElasticMQ refuses the old
 /// handle; SQS may accept it and do nothing), or it is already deleted.
 fn is_stale_receipt<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
-    matches!(
-        error.code(),
-        Some(
-            "ReceiptHandleIsInvalid"
-                | "AWS.SimpleQueueService.ReceiptHandleIsInvalid"
-                | "MessageNotInflight"
-                | "AWS.SimpleQueueService.MessageNotInflight"
-        )
-    )
+    error
+        .code()
+        .is_some_and(|code| STALE_RECEIPT_CODES.contains(&code))
 }
+
+/// The error codes of a receipt handle that a later receive replaced.
+const STALE_RECEIPT_CODES: [&str; 4] = [
+    "ReceiptHandleIsInvalid",
+    "AWS.SimpleQueueService.ReceiptHandleIsInvalid",
+    "MessageNotInflight",
+    "AWS.SimpleQueueService.MessageNotInflight",
+];
 
 /// Whole seconds, rounded up (SQS takes whole seconds), capped at 12 hours.
 fn whole_seconds(duration: Duration) -> i32 {
@@ -750,9 +752,12 @@ impl SqsReceiver {
     }
 
     /// Deletes up to any number of deliveries, 10 per `DeleteMessageBatch`.
-    /// Fails when any delete failed, naming each (the others are deleted).
-    pub async fn ack_batch(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
+    /// Fails when any delete failed, naming each (the others are deleted):
+    /// [`QueueError::LeaseExpired`] when every failure is a receipt that a
+    /// later receive replaced, as for one delete.
+    pub async fn delete_batch(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
         let mut failures = Vec::new();
+        let mut all_stale = true;
         for chunk in deliveries.chunks(MAX_BATCH) {
             let mut request = self
                 .broker
@@ -780,6 +785,7 @@ impl SqsReceiver {
                     .and_then(|i| chunk.get(i))
                     .and_then(|d| d.message_id.clone())
                     .unwrap_or_else(|| format!("entry {}", failed.id()));
+                all_stale &= STALE_RECEIPT_CODES.contains(&failed.code());
                 failures.push(format!(
                     "{who}: {} {}",
                     failed.code(),
@@ -788,18 +794,20 @@ impl SqsReceiver {
             }
         }
         if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(QueueError::Broker {
-                operation: "DeleteMessageBatch",
-                reason: format!(
-                    "{} of {} deletes failed: {}",
-                    failures.len(),
-                    deliveries.len(),
-                    failures.join("; ")
-                ),
-            })
+            return Ok(());
         }
+        let reason = format!(
+            "{} of {} deletes failed: {}",
+            failures.len(),
+            deliveries.len(),
+            failures.join("; ")
+        );
+        let operation = "DeleteMessageBatch";
+        Err(if all_stale {
+            QueueError::LeaseExpired { operation, reason }
+        } else {
+            QueueError::Broker { operation, reason }
+        })
     }
 
     async fn change_visibility(&self, delivery: &Delivery, seconds: i32) -> Result<(), QueueError> {
@@ -889,6 +897,10 @@ impl crate::Receiver for SqsReceiver {
 
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), QueueError> {
         self.delete(delivery).await
+    }
+
+    async fn ack_batch(&mut self, deliveries: &[Delivery]) -> Result<(), QueueError> {
+        self.delete_batch(deliveries).await
     }
 
     /// Visible again at once (`ChangeMessageVisibility` to 0). The receive

@@ -317,17 +317,19 @@ async fn batches_are_received_ten_at_a_time_and_deleted_in_batches() {
     assert_eq!(counts(&inspector).await, (0, 15, 0));
 
     // 15 deletes: two DeleteMessageBatch calls (10 + 5).
-    receiver.ack_batch(&held).await.expect("ack_batch");
+    receiver.delete_batch(&held).await.expect("ack_batch");
     assert_eq!(counts(&inspector).await, (0, 0, 0));
     assert_nothing_visible(&mut receiver).await;
 
-    // Deleting the same receipts again: ElasticMQ reports each one.
-    let again = receiver.ack_batch(&held[..2]).await;
+    // Deleting the same receipts again: ElasticMQ reports each one, and a
+    // receipt that no longer holds the message is a lease that ran out.
+    let again = receiver.delete_batch(&held[..2]).await;
     match again {
-        Err(QueueError::Broker { reason, .. }) => {
+        Err(QueueError::LeaseExpired { operation, reason }) => {
+            assert_eq!(operation, "DeleteMessageBatch");
             assert!(reason.contains("2 of 2 deletes failed"), "{reason}")
         }
-        other => panic!("expected a batch failure, got {other:?}"),
+        other => panic!("expected the batch's receipts to be stale, got {other:?}"),
     }
     queue.delete().await;
 }
@@ -589,7 +591,7 @@ async fn settling_with_a_foreign_receipt_is_refused() {
         Err(QueueError::ForeignReceipt(_))
     ));
     assert!(matches!(
-        receiver.ack_batch(std::slice::from_ref(&foreign)).await,
+        receiver.delete_batch(std::slice::from_ref(&foreign)).await,
         Err(QueueError::ForeignReceipt(_))
     ));
     // Nothing was sent to the DLQ on the way.

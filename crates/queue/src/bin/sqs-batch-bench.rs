@@ -103,7 +103,7 @@ async fn consume(broker: &SqsBroker, mode: Mode, n: usize) -> anyhow::Result<f64
                         receiver.ack(delivery).await?;
                     }
                 }
-                Mode::Batched => receiver.ack_batch(&batch).await?,
+                Mode::Batched => receiver.delete_batch(&batch).await?,
             }
             done += batch.len();
             if done % 500 < batch.len() {
