@@ -154,7 +154,7 @@ fn spec(lab: &Lab, plan: &ChaosPlan, variant: Variant) -> RunSpec {
     spec.publish_pace = Some(ORDER_PACE);
     if variant == Variant::Hardened {
         // The hardened consumer as it ships: batched.
-        spec.batch_size = consumer::DEFAULT_BATCH_SIZE;
+        spec.batch_size = consumer::BATCH_SIZE;
     }
     spec.psp_faults = FaultConfig {
         slow_latency: spec.visibility_timeout + SLOW_BEYOND_LEASE,

@@ -123,7 +123,7 @@ impl Case {
 pub fn spec(case: Case, seed: u64, settings: &Settings) -> RunSpec {
     let plan = ChaosPlan::generate(seed, settings.messages, FaultMix::NONE);
     let mut spec = RunSpec::new(Variant::Hardened, plan, 2);
-    spec.batch_size = consumer::DEFAULT_BATCH_SIZE;
+    spec.batch_size = consumer::BATCH_SIZE;
     spec.scenario = case.outage.name(case.backend);
     spec.durability = case.durability;
     spec.deadline = Duration::from_secs(180)

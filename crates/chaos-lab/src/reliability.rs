@@ -137,7 +137,7 @@ pub fn spec(fault: Fault, backend: BackendKind, seed: u64, settings: &MatrixSett
         }
     }
     let mut spec = RunSpec::new(Variant::Hardened, plan.clone(), 3);
-    spec.batch_size = consumer::DEFAULT_BATCH_SIZE;
+    spec.batch_size = consumer::BATCH_SIZE;
     spec.scenario = fault.name(backend, settings);
     spec.producer = ProducerKind::Outbox {
         relays: 1,

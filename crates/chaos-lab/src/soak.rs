@@ -60,7 +60,7 @@ pub fn spec(backend: BackendKind, seed: u64, settings: &SoakSettings) -> RunSpec
     let orders = (settings.duration.as_secs_f64() * f64::from(settings.orders_per_second)) as usize;
     let plan = ChaosPlan::generate(seed, orders.max(1), FaultMix::NONE);
     let mut spec = RunSpec::new(Variant::Hardened, plan, CONSUMERS);
-    spec.batch_size = consumer::DEFAULT_BATCH_SIZE;
+    spec.batch_size = consumer::BATCH_SIZE;
     spec.scenario = "soak".to_owned();
     spec.producer = ProducerKind::Outbox {
         relays: 1,

@@ -43,7 +43,7 @@ struct Args {
     /// Deliveries taken per receive. Above 1, the hardened consumer claims,
     /// charges, records and acks them as one batch (chapter 2); SQS hands
     /// out at most 10 per receive.
-    #[arg(long, env = "EO_CONSUMER_BATCH_SIZE", default_value_t = consumer::DEFAULT_BATCH_SIZE)]
+    #[arg(long, env = "EO_CONSUMER_BATCH_SIZE", default_value_t = 1)]
     batch_size: usize,
     /// The PSP's base URL.
     #[arg(long, env = "EO_PSP_URL", default_value = "http://127.0.0.1:4242")]

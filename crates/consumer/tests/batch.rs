@@ -24,7 +24,7 @@ use consumer::{Heartbeat, PaymentConsumer, Variant};
 use databases::FreshDatabase;
 use payments::PaymentEvent;
 use psp::faults::Fault;
-use psp::{FaultConfig, PspClient, PspConfig, PspServer};
+use psp::{FaultConfig, PspClient, PspConfig, PspServer, RunningPsp};
 use queue::backend::{BackendKind, Broker, QueueSpec};
 use queue::OutgoingMessage;
 use support::wait_for_charges;
@@ -68,6 +68,79 @@ fn message(event: &PaymentEvent) -> OutgoingMessage {
     }
 }
 
+/// A queue, the shop's and the PSP's databases, and a PSP, for one test.
+struct Stack {
+    spec: QueueSpec,
+    broker: Broker,
+    shop: FreshDatabase,
+    psp_db: FreshDatabase,
+    psp: RunningPsp,
+}
+
+impl Stack {
+    async fn start(spec: QueueSpec, faults: FaultConfig) -> Self {
+        let broker = Broker::connect_for(&spec)
+            .await
+            .expect("the broker is up (run scripts/services-up)");
+        broker.declare(&spec).await.expect("declare the queue");
+        let shop = FreshDatabase::create("consumer_batch", 5)
+            .await
+            .expect("create the shop database");
+        consumer::migrate(&shop.pool)
+            .await
+            .expect("consumer schema");
+        let psp_db = FreshDatabase::create("consumer_batch_psp", 25)
+            .await
+            .expect("create the PSP database");
+        let config = PspConfig {
+            faults,
+            ..PspConfig::default()
+        };
+        let psp = PspServer::start(psp_db.pool.clone(), config, "127.0.0.1:0")
+            .await
+            .expect("start the PSP");
+        Self {
+            spec,
+            broker,
+            shop,
+            psp_db,
+            psp,
+        }
+    }
+
+    fn consumer(
+        &self,
+        batch_size: usize,
+        heartbeat: Option<Heartbeat>,
+        observer: Arc<dyn Observer>,
+    ) -> PaymentConsumer {
+        PaymentConsumer {
+            variant: Variant::Hardened,
+            pool: self.shop.pool.clone(),
+            psp: PspClient::new(
+                self.psp.base_url(),
+                psp::server::DEFAULT_API_KEY,
+                Duration::from_secs(10),
+            )
+            .unwrap(),
+            crashes: Arc::new(NeverCrash),
+            observer,
+            requeue_delay: Duration::from_millis(50),
+            metrics: Default::default(),
+            heartbeat,
+            max_receives: None,
+            batch_size,
+        }
+    }
+
+    async fn teardown(self) {
+        self.psp.shutdown().await.ok();
+        self.broker.delete(&self.spec).await.ok();
+        self.shop.drop_database().await.ok();
+        self.psp_db.drop_database().await.ok();
+    }
+}
+
 async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: BackendKind) {
     let mut spec = QueueSpec::new(
         backend,
@@ -76,29 +149,7 @@ async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: Bac
     // One partition: a batch is consecutive offsets, and the failed charge's
     // seek back is in the middle of what the batch acks.
     spec.partitions = 1;
-    let broker = Broker::connect_for(&spec)
-        .await
-        .expect("the broker is up (run scripts/services-up)");
-    broker.declare(&spec).await.expect("declare the queue");
-    let shop = FreshDatabase::create("consumer_batch", 5)
-        .await
-        .expect("create the shop database");
-    consumer::migrate(&shop.pool)
-        .await
-        .expect("consumer schema");
-    let psp_db = FreshDatabase::create("consumer_batch_psp", 25)
-        .await
-        .expect("create the PSP database");
-    let psp = PspServer::start(
-        psp_db.pool.clone(),
-        PspConfig {
-            faults: psp_faults(),
-            ..PspConfig::default()
-        },
-        "127.0.0.1:0",
-    )
-    .await
-    .expect("start the PSP");
+    let stack = Stack::start(spec, psp_faults()).await;
 
     let mut orders: Vec<PaymentEvent> = (0..ORDERS - 1)
         .map(|_| PaymentEvent::new(order_failing_first(0), 1999, "EUR", Utc::now()))
@@ -114,7 +165,7 @@ async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: Bac
     other_amount.event_id = Uuid::new_v4();
     other_amount.amount_cents += 1;
 
-    let publisher = broker.publisher(&spec).await.unwrap();
+    let publisher = stack.broker.publisher(&stack.spec).await.unwrap();
     let mut messages: Vec<OutgoingMessage> = orders.iter().map(message).collect();
     // The failing order's event twice in a row: its second copy must not be
     // acked as a duplicate of a charge that failed.
@@ -134,25 +185,10 @@ async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: Bac
         publisher.publish(message).await.unwrap();
     }
 
-    let consumer = PaymentConsumer {
-        variant: Variant::Hardened,
-        pool: shop.pool.clone(),
-        psp: PspClient::new(
-            psp.base_url(),
-            psp::server::DEFAULT_API_KEY,
-            Duration::from_secs(5),
-        )
-        .unwrap(),
-        crashes: Arc::new(NeverCrash),
-        observer: Arc::new(Unobserved),
-        requeue_delay: Duration::from_millis(50),
-        metrics: Default::default(),
-        heartbeat: None,
-        max_receives: None,
-        batch_size: BATCH_SIZE,
-    };
-    let mut receiver = broker
-        .receiver(&spec, BATCH_SIZE as u16)
+    let consumer = stack.consumer(BATCH_SIZE, None, Arc::new(Unobserved));
+    let mut receiver = stack
+        .broker
+        .receiver(&stack.spec, BATCH_SIZE as u16)
         .await
         .expect("a receiver");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -166,7 +202,7 @@ async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: Bac
     });
 
     let (charges, charged_orders) =
-        wait_for_charges(&psp_db.pool, ORDERS as i64, Duration::from_secs(60)).await;
+        wait_for_charges(&stack.psp_db.pool, ORDERS as i64, Duration::from_secs(60)).await;
     // Whatever is still in hand (the duplicates behind a requeue on Kafka)
     // is settled before the consumer looks for more.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -186,7 +222,7 @@ async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: Bac
                 (SELECT count(*) FROM processed_messages), \
                 (SELECT count(DISTINCT processed_at) FROM processed_messages)",
     )
-    .fetch_one(&shop.pool)
+    .fetch_one(&stack.shop.pool)
     .await
     .unwrap();
     assert_eq!(
@@ -202,8 +238,9 @@ async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: Bac
          {BATCH_SIZE} should need far fewer",
         backend.name()
     );
-    let dead_letters = broker
-        .inspector(&spec)
+    let dead_letters = stack
+        .broker
+        .inspector(&stack.spec)
         .unwrap()
         .dead_letter_count()
         .await
@@ -215,18 +252,16 @@ async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: Bac
          amount are dead-lettered",
         backend.name()
     );
-    let waiting = broker
-        .inspector(&spec)
+    let waiting = stack
+        .broker
+        .inspector(&stack.spec)
         .unwrap()
         .ready_count()
         .await
         .unwrap();
     assert_eq!(waiting, 0, "{}: nothing left in the queue", backend.name());
 
-    psp.shutdown().await.ok();
-    broker.delete(&spec).await.ok();
-    shop.drop_database().await.ok();
-    psp_db.drop_database().await.ok();
+    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -263,34 +298,16 @@ async fn batch_of_slow_charges_on_sqs(heartbeat: Option<Heartbeat>) -> (usize, u
         format!("eo-batch-lease-{}", Uuid::new_v4().simple()),
     );
     spec.visibility_timeout_ms = lease.as_millis() as u64;
-    let broker = Broker::connect_for(&spec)
-        .await
-        .expect("ElasticMQ is up (run scripts/services-up)");
-    broker.declare(&spec).await.expect("declare the queue");
-    let shop = FreshDatabase::create("consumer_batch_lease", 5)
-        .await
-        .expect("create the shop database");
-    consumer::migrate(&shop.pool)
-        .await
-        .expect("consumer schema");
-    let psp_db = FreshDatabase::create("consumer_batch_lease_psp", 10)
-        .await
-        .expect("create the PSP database");
     // Every charge takes two and a half leases.
-    let psp = PspServer::start(
-        psp_db.pool.clone(),
-        PspConfig {
-            faults: FaultConfig {
-                latency: lease * 5 / 2,
-                ..FaultConfig::default()
-            },
-            ..PspConfig::default()
+    let stack = Stack::start(
+        spec,
+        FaultConfig {
+            latency: lease * 5 / 2,
+            ..FaultConfig::default()
         },
-        "127.0.0.1:0",
     )
-    .await
-    .expect("start the PSP");
-    support::publish_orders(&broker, &spec, ORDERS).await;
+    .await;
+    support::publish_orders(&stack.broker, &stack.spec, ORDERS).await;
 
     // Two consumers: the one that is not busy with the batch is the one a
     // lease that ran out would hand it to.
@@ -298,24 +315,12 @@ async fn batch_of_slow_charges_on_sqs(heartbeat: Option<Heartbeat>) -> (usize, u
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut running = Vec::new();
     for _ in 0..2 {
-        let consumer = PaymentConsumer {
-            variant: Variant::Hardened,
-            pool: shop.pool.clone(),
-            psp: PspClient::new(
-                psp.base_url(),
-                psp::server::DEFAULT_API_KEY,
-                Duration::from_secs(10),
-            )
-            .unwrap(),
-            crashes: Arc::new(NeverCrash),
-            observer: observed.clone(),
-            requeue_delay: Duration::from_millis(50),
-            metrics: Default::default(),
-            heartbeat,
-            max_receives: None,
-            batch_size: ORDERS,
-        };
-        let mut receiver = broker.receiver(&spec, ORDERS as u16).await.unwrap();
+        let consumer = stack.consumer(ORDERS, heartbeat, observed.clone());
+        let mut receiver = stack
+            .broker
+            .receiver(&stack.spec, ORDERS as u16)
+            .await
+            .unwrap();
         let mut stopped = stopped.clone();
         running.push(tokio::spawn(async move {
             consumer
@@ -326,7 +331,7 @@ async fn batch_of_slow_charges_on_sqs(heartbeat: Option<Heartbeat>) -> (usize, u
         }));
     }
     let (charges, orders) =
-        wait_for_charges(&psp_db.pool, ORDERS as i64, Duration::from_secs(30)).await;
+        wait_for_charges(&stack.psp_db.pool, ORDERS as i64, Duration::from_secs(30)).await;
     // Long enough for a lease that ran out to hand the batch out again.
     tokio::time::sleep(lease * 3).await;
     stop.send(true).unwrap();
@@ -359,10 +364,7 @@ async fn batch_of_slow_charges_on_sqs(heartbeat: Option<Heartbeat>) -> (usize, u
         .iter()
         .filter(|o| matches!(o, Observation::SettledLate { .. }))
         .count();
-    psp.shutdown().await.ok();
-    broker.delete(&spec).await.ok();
-    shop.drop_database().await.ok();
-    psp_db.drop_database().await.ok();
+    stack.teardown().await;
     (redelivered, late)
 }
 
