@@ -153,7 +153,7 @@ fn spec(lab: &Lab, plan: &ChaosPlan, variant: Variant) -> RunSpec {
     };
     spec.publish_pace = Some(ORDER_PACE);
     if variant == Variant::Hardened {
-        // The hardened consumer as it ships: batched.
+        // Batched, as chapter 2 shows it: every fault meets batches too.
         spec.batch_size = consumer::BATCH_SIZE;
     }
     spec.psp_faults = FaultConfig {

@@ -37,7 +37,7 @@ pub struct RunSpec {
     /// Deliveries per receive; the hardened consumer handles them as one
     /// batch. One by default: the chapters that teach a crash point follow
     /// one message through it. Chapter 8, the fault matrix, Leg 2 and the
-    /// soak run the hardened consumer as it ships, batched.
+    /// soak run the hardened consumer batched ([`consumer::BATCH_SIZE`]).
     pub batch_size: usize,
     pub psp_faults: psp::faults::FaultConfig,
     pub psp_timeout: Duration,
