@@ -342,3 +342,80 @@ async fn settle(
         .map(|outcome| outcome.expect("every delivery was settled"))
         .collect())
 }
+
+// ANCHOR: batch_window
+/// How many deliveries the next receive asks for: slow start, as TCP does.
+///
+/// Every delivery a consumer holds is one a kill sends back, and on SQS it
+/// comes back only when its lease runs out, with one more receive counted
+/// against its `maxReceiveCount`. So a batch is earned: a process starts at
+/// one delivery per receive, doubles after each receive whose deliveries
+/// were all new and all handled, up to its batch size, and falls back to
+/// one as soon as a receive brings a redelivery, the sign that someone died
+/// holding it. A queue that keeps its consumers alive is at full size after
+/// a handful of receives; one whose consumers keep dying holds a few
+/// deliveries hostage per kill, not a full batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchWindow {
+    size: usize,
+    limit: usize,
+}
+
+impl BatchWindow {
+    /// A window that starts at one and may grow to `limit`.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            size: 1,
+            limit: limit.max(1),
+        }
+    }
+
+    /// A window already at `limit`.
+    pub fn full(limit: usize) -> Self {
+        Self {
+            size: limit.max(1),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Deliveries to ask for now.
+    pub fn size(self) -> usize {
+        self.size
+    }
+
+    /// A receive brought a redelivery: back to one at a time.
+    pub(crate) fn redelivered(&mut self) {
+        self.size = 1;
+    }
+
+    /// A receive's deliveries were all new and all handled.
+    pub(crate) fn handled(&mut self) {
+        self.size = (self.size * 2).min(self.limit);
+    }
+}
+// ANCHOR_END: batch_window
+
+#[cfg(test)]
+mod tests {
+    use super::BatchWindow;
+
+    #[test]
+    fn a_window_starts_at_one_doubles_to_its_limit_and_falls_back_on_a_redelivery() {
+        let mut window = BatchWindow::new(10);
+        let mut sizes = vec![window.size()];
+        for _ in 0..5 {
+            window.handled();
+            sizes.push(window.size());
+        }
+        assert_eq!(sizes, [1, 2, 4, 8, 10, 10]);
+        window.redelivered();
+        assert_eq!(window.size(), 1);
+        window.handled();
+        assert_eq!(window.size(), 2);
+        assert_eq!(BatchWindow::new(0).size(), 1);
+        assert_eq!(BatchWindow::full(10).size(), 10);
+        let mut one = BatchWindow::new(1);
+        one.handled();
+        assert_eq!(one.size(), 1);
+    }
+}

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 mod batch;
+pub use batch::BatchWindow;
 pub mod crash;
 pub mod dedup;
 pub mod hardened;
@@ -49,10 +50,11 @@ use hardened::ChargeKey;
 use metrics::Step;
 use observe::{Observation, Observer, Outcome};
 
-/// Deliveries the book's batched hardened runs take per receive and handle
-/// as one batch (chapter 8, the appendix): what waits in the queue goes
-/// through in one transaction and one settle per ten (see [`batch`]). The
-/// `consumer` binary takes one at a time unless given `--batch-size`.
+/// Deliveries the `consumer` binary and the book's batched hardened runs
+/// (chapter 8, the appendix) take per receive at most, and the hardened
+/// consumer handles as one batch: what waits in the queue goes through in
+/// one transaction and one settle per ten (see [`batch`]). A process earns
+/// its batch: it starts at one per receive ([`BatchWindow`]).
 pub const BATCH_SIZE: usize = 10;
 
 /// Which consumer runs. Each variant is a whole, separate handler. The
@@ -159,9 +161,23 @@ impl PaymentConsumer {
     /// A redelivery is never part of a batch: it is handled on its own,
     /// before the batch. A message that kills whoever handles it would
     /// otherwise take its batch-mates down with it on every receive, and use
-    /// up their `maxReceiveCount` too.
+    /// up their `maxReceiveCount` too. For the same reason the receives
+    /// start at one delivery and grow ([`BatchWindow`]).
     pub async fn run(
         &self,
+        receiver: &mut dyn Receiver,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ConsumerError> {
+        self.run_from(BatchWindow::new(self.batch_size), receiver, stop)
+            .await
+    }
+
+    /// [`Self::run`], with the receives starting at `window`'s size rather
+    /// than at one: for a test of what a batch does, not of how a process
+    /// earns one.
+    pub async fn run_from(
+        &self,
+        mut window: BatchWindow,
         receiver: &mut dyn Receiver,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), ConsumerError> {
@@ -170,11 +186,13 @@ impl PaymentConsumer {
             let receiving = std::time::Instant::now();
             let batch = tokio::select! {
                 _ = &mut stop => return Ok(()),
-                batch = receiver.receive(self.batch_size.max(1), Duration::from_millis(500)) => batch?,
+                batch = receiver.receive(window.size(), Duration::from_millis(500)) => batch?,
             };
-            if !batch.is_empty() {
-                metrics::step_took(Step::Receive, receiving);
+            if batch.is_empty() {
+                continue;
             }
+            metrics::step_took(Step::Receive, receiving);
+            let any_redelivered = batch.iter().any(|d| !is_first_delivery(d));
             // Redeliveries first and one at a time, in arrival order (on a
             // Kafka partition they come before anything new); then the rest.
             let (singly, together): (Vec<Delivery>, Vec<Delivery>) = if self.batches() {
@@ -202,6 +220,11 @@ impl PaymentConsumer {
                 return Err(ConsumerError::Database(error));
             }
             result?;
+            if any_redelivered {
+                window.redelivered();
+            } else {
+                window.handled();
+            }
         }
     }
 

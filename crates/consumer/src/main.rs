@@ -40,10 +40,11 @@ struct Args {
     /// back to the queue if it dies.
     #[arg(long, env = "EO_PREFETCH", default_value_t = 10)]
     prefetch: u16,
-    /// Deliveries taken per receive. Above 1, the hardened consumer claims,
-    /// charges, records and acks them as one batch (chapter 2); SQS hands
-    /// out at most 10 per receive.
-    #[arg(long, env = "EO_CONSUMER_BATCH_SIZE", default_value_t = 1)]
+    /// Deliveries taken per receive, at most. Above 1, the hardened
+    /// consumer claims, charges, records and acks them as one batch
+    /// (chapter 2); a process starts at one per receive and doubles after
+    /// each clean batch. SQS hands out at most 10 per receive.
+    #[arg(long, env = "EO_CONSUMER_BATCH_SIZE", default_value_t = consumer::BATCH_SIZE)]
     batch_size: usize,
     /// The PSP's base URL.
     #[arg(long, env = "EO_PSP_URL", default_value = "http://127.0.0.1:4242")]

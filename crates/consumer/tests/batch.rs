@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::Utc;
 use consumer::crash::NeverCrash;
 use consumer::observe::{Observation, Observer, Unobserved};
-use consumer::{Heartbeat, PaymentConsumer, Variant};
+use consumer::{BatchWindow, Heartbeat, PaymentConsumer, Variant};
 use databases::FreshDatabase;
 use payments::PaymentEvent;
 use psp::faults::Fault;
@@ -192,9 +192,10 @@ async fn a_batch_with_every_kind_of_trouble_charges_each_order_once(backend: Bac
         .await
         .expect("a receiver");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Full from the first receive: this test is about what a batch does.
     let running = tokio::spawn(async move {
         let result = consumer
-            .run(&mut *receiver, async {
+            .run_from(BatchWindow::full(BATCH_SIZE), &mut *receiver, async {
                 let _ = stopped.await;
             })
             .await;
@@ -324,7 +325,7 @@ async fn batch_of_slow_charges_on_sqs(heartbeat: Option<Heartbeat>) -> (usize, u
         let mut stopped = stopped.clone();
         running.push(tokio::spawn(async move {
             consumer
-                .run(&mut *receiver, async move {
+                .run_from(BatchWindow::full(ORDERS), &mut *receiver, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 })
                 .await
