@@ -77,6 +77,19 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# postgres_binaries: the directory of Debian's newest Postgres server
+# binaries (initdb, pg_ctl, pgbench), installed when missing. The package
+# is kept from creating and starting a cluster of its own: ours lives under
+# EO_STATE_DIR with the settings the book needs, or in Docker.
+postgres_binaries() {
+    if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
+        as_root mkdir -p /etc/postgresql-common
+        echo "create_main_cluster = false" | as_root tee /etc/postgresql-common/createcluster.conf >/dev/null
+        apt_install postgresql
+    fi
+    ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1
+}
+
 # need_build_tools: what the workspace's C build needs (rdkafka compiles
 # librdkafka from source), installed from Debian's packages when missing.
 need_build_tools() {
