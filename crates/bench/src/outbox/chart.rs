@@ -1,4 +1,4 @@
-//! D: the SVG chart of the latency distributions.
+//! The SVG chart of the latency distributions.
 
 use std::path::Path;
 

@@ -1,4 +1,4 @@
-//! E: the outbox cleanup on a big outbox while a relay runs and orders keep
+//! The outbox cleanup on a big outbox while a relay runs and orders keep
 //! coming.
 
 use std::collections::HashMap;

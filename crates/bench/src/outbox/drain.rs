@@ -1,4 +1,4 @@
-//! C: how fast relays drain a backlog of pending rows.
+//! How fast relays drain a backlog of pending rows.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

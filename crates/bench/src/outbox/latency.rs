@@ -1,4 +1,4 @@
-//! A and B: the latency and the queries of each relay mode.
+//! The latency and the queries of each relay mode.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

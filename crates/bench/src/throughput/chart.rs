@@ -187,6 +187,8 @@ mod tests {
                         },
                         naive: 100.0 + size as f64,
                         hardened: 80.0 + 10.0 * size as f64,
+                        naive_steps: [0.0; 6],
+                        hardened_steps: [0.0; 6],
                     });
                 }
             }

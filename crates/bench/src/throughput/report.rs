@@ -112,6 +112,48 @@ pub(crate) fn print_sweep(sweep: &Sweep, psp_latencies_ms: &[u64], batch_sizes: 
         println!("SQS hands out at most 10 messages per receive, so it has no row above 10.\n");
     }
     print_goals(sweep, psp_latencies_ms, batch_sizes, &backends);
+    print_sweep_steps(sweep, psp_latencies_ms, batch_sizes, &backends);
+}
+
+/// Where each message's time went, per setting and variant (last round),
+/// folded away on the page: it is long, and the tables above carry the
+/// verdict.
+fn print_sweep_steps(
+    sweep: &Sweep,
+    psp_latencies_ms: &[u64],
+    batch_sizes: &[usize],
+    backends: &[BackendKind],
+) {
+    let steps = Step::ALL.map(Step::name);
+    println!("\n<details><summary>Where each message's time went, per setting (ms per message, last round)</summary>\n");
+    println!(
+        "| broker · PSP · batch | consumer | {} | total |",
+        steps.join(" | ")
+    );
+    println!("|---|---|{}--:|", "--:|".repeat(steps.len()));
+    for &ms in psp_latencies_ms {
+        for &backend in backends {
+            for &size in batch_sizes {
+                let Some(cell) = sweep.cell(backend, size, Duration::from_millis(ms)) else {
+                    continue;
+                };
+                for (variant, per_message) in [
+                    ("naive", &cell.naive_steps),
+                    ("hardened", &cell.hardened_steps),
+                ] {
+                    let cells: Vec<String> =
+                        per_message.iter().map(|ms| format!("{ms:.2}")).collect();
+                    println!(
+                        "| {} · {ms} ms · {size} | {variant} | {} | {:.2} |",
+                        backend.name(),
+                        cells.join(" | "),
+                        per_message.iter().sum::<f64>()
+                    );
+                }
+            }
+        }
+    }
+    println!("\n</details>");
 }
 
 /// The goals, for every batched setting: hardened batched against naive

@@ -10,7 +10,9 @@ use clap::Args;
 use databases::cleanup::parse_duration;
 
 use super::pgbench::{self, PgbenchRate};
-use super::{median, race, Setting, Workload};
+use consumer::metrics::Step;
+
+use super::{median, race, step_ms_per_message, Setting, Workload};
 
 /// SQS hands out at most this many messages per receive: a bigger batch
 /// size would measure batches of 10 under another name.
@@ -58,6 +60,9 @@ pub(crate) struct Cell {
     pub setting: Setting,
     pub naive: f64,
     pub hardened: f64,
+    /// Milliseconds per message in each step, in the last round.
+    pub naive_steps: [f64; Step::ALL.len()],
+    pub hardened_steps: [f64; Step::ALL.len()],
 }
 
 /// Everything the sweep measured.
@@ -138,7 +143,8 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     let mut cells = Vec::with_capacity(settings.len());
     for (i, &setting) in settings.iter().enumerate() {
         let (mut naive, mut hardened) = (Vec::new(), Vec::new());
-        for round in 1..=args.rounds {
+        let mut last = None;
+        for round in 1..=args.rounds.max(1) {
             eprintln!(
                 "[{}/{}] {} · batch {} · PSP {} ms · round {round}",
                 i + 1,
@@ -150,11 +156,16 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
             let raced = race(setting, workload).await?;
             naive.push(raced.naive.throughput_per_second);
             hardened.push(raced.hardened.throughput_per_second);
+            last = Some(raced);
         }
+        let steps = |report| step_ms_per_message(report);
+        let last = last.expect("at least one round");
         cells.push(Cell {
             setting,
             naive: median(naive),
             hardened: median(hardened),
+            naive_steps: steps(&last.naive),
+            hardened_steps: steps(&last.hardened),
         });
     }
     let mut pgbench = Vec::with_capacity(batch_sizes.len());
