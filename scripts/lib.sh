@@ -82,12 +82,18 @@ apt_install() {
 # is kept from creating and starting a cluster of its own: ours lives under
 # EO_STATE_DIR with the settings the book needs, or in Docker.
 postgres_binaries() {
-    if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
+    if [ -z "$(installed_postgres_binaries)" ]; then
         as_root mkdir -p /etc/postgresql-common
         echo "create_main_cluster = false" | as_root tee /etc/postgresql-common/createcluster.conf >/dev/null
         apt_install postgresql
     fi
-    ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1
+    installed_postgres_binaries
+}
+
+# installed_postgres_binaries: the same directory, or nothing if Postgres's
+# server package is not installed (never installs it).
+installed_postgres_binaries() {
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
 }
 
 # need_build_tools: what the workspace's C build needs (rdkafka compiles

@@ -21,7 +21,7 @@
 //! same statements cost, not a promise that a consumer could reach it.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -105,8 +105,8 @@ fn program() -> anyhow::Result<PathBuf> {
 }
 
 async fn run(
-    program: &PathBuf,
-    script: &std::path::Path,
+    program: &Path,
+    script: &Path,
     url: &str,
     clients: usize,
     duration: Duration,
