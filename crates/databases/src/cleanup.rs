@@ -1,7 +1,8 @@
 //! What the book's two cleanups share (the dedup table's retention and the
 //! outbox's): a cutoff on the database's clock, the report of a run that
 //! deleted old rows in short batches, and the `30s` / `15m` / `4h` / `7d`
-//! spelling of a window that their command lines and verdicts print.
+//! spelling of a window that their command lines and verdicts print, and
+//! the share of old rows their measurements load.
 
 use std::time::Duration;
 
@@ -134,12 +135,35 @@ pub fn format_duration(duration: Duration) -> String {
         .join(" ")
 }
 
+/// Parses a share between 0 and 1 (`0.5`): how much of a measurement's
+/// table is old enough to delete.
+pub fn parse_share(text: &str) -> Result<f64, String> {
+    let share: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number between 0 and 1"))?;
+    if (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err(format!("`{text}` is not between 0 and 1"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn d(text: &str) -> Duration {
         parse_duration(text).unwrap()
+    }
+
+    #[test]
+    fn a_share_is_a_number_from_0_to_1() {
+        assert_eq!(parse_share("0.5"), Ok(0.5));
+        assert_eq!(parse_share("1"), Ok(1.0));
+        assert!(parse_share("1.5")
+            .unwrap_err()
+            .contains("not between 0 and 1"));
+        assert!(parse_share("half").unwrap_err().contains("not a number"));
     }
 
     #[test]

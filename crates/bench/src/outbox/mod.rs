@@ -33,7 +33,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use databases::cleanup::parse_duration;
+use databases::cleanup::{parse_duration, parse_share};
 
 use chart::chart_if_asked;
 use cleanup::measure_cleanup;
@@ -166,17 +166,6 @@ impl Default for CleanupArgs {
             rate: 200,
             baseline: Duration::from_secs(5),
         }
-    }
-}
-
-fn parse_share(text: &str) -> Result<f64, String> {
-    let share: f64 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a number between 0 and 1"))?;
-    if (0.0..=1.0).contains(&share) {
-        Ok(share)
-    } else {
-        Err(format!("`{text}` is not between 0 and 1"))
     }
 }
 

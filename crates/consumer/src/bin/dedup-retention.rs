@@ -18,6 +18,7 @@ use consumer::retention::{
     check, delete_expired, format_duration, parse_duration, CleanupReport, RedeliveryHorizon,
     RetentionPolicy,
 };
+use databases::cleanup::parse_share;
 use databases::FreshDatabase;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -183,17 +184,6 @@ impl CheckArgs {
         } else {
             ExitCode::from(1)
         }
-    }
-}
-
-fn parse_share(text: &str) -> Result<f64, String> {
-    let share: f64 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a number between 0 and 1"))?;
-    if (0.0..=1.0).contains(&share) {
-        Ok(share)
-    } else {
-        Err(format!("`{text}` is not between 0 and 1"))
     }
 }
 
