@@ -208,6 +208,16 @@ impl RabbitBroker {
 
     /// Deletes everything [`RabbitBroker::declare`] created.
     pub async fn delete(&self, topology: &Topology) -> Result<(), QueueError> {
+        // Deleting is idempotent, so a channel the broker refused mid-way
+        // ("expected 'channel.open'", seen once in CI on a connection whose
+        // other channels were closing) is retried once on a fresh one.
+        match self.delete_on_new_channel(topology).await {
+            Err(QueueError::Broker { .. }) => self.delete_on_new_channel(topology).await,
+            done => done,
+        }
+    }
+
+    async fn delete_on_new_channel(&self, topology: &Topology) -> Result<(), QueueError> {
         let channel = self.channel().await?;
         for queue in [topology.queue.clone(), topology.dead_letter_queue()] {
             channel
